@@ -1,0 +1,23 @@
+//! flexbridge core: what a Flex Interactions webhook *means*.
+//!
+//! This crate holds the event model, the versioned CloudEvents schema, routing templates,
+//! the sink contract, the retry policy and the metric definitions. It has no network code:
+//! the ingress crate decides whether a request is authentic, sink crates decide how an event
+//! is delivered, and the binary wires them together.
+
+pub mod delivery;
+pub mod event;
+pub mod metrics;
+pub mod retry;
+pub mod route;
+pub mod schema;
+pub mod secret;
+pub mod sink;
+pub mod webhook;
+
+pub use delivery::{Delivery, DeliveryConfig, DeliveryError};
+pub use event::{EventKind, InteractionEvent};
+pub use schema::v1::{normalize, Event, NormalizeError};
+pub use secret::Secret;
+pub use sink::{Sink, SinkError};
+pub use webhook::{Attestation, Verified, WebhookRequest};

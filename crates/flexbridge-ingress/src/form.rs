@@ -1,0 +1,147 @@
+//! Strict `application/x-www-form-urlencoded` decoding. Lenient decoders replace bad bytes
+//! and keep broken escapes, which would verify a signature over something other than what
+//! Twilio sent; here a broken escape or invalid UTF-8 is an error (400).
+
+/// Why a form body or query string does not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormError {
+    /// A `%` not followed by two hex digits.
+    #[error("malformed percent-encoding at byte {at}")]
+    MalformedEncoding {
+        /// Byte offset of the `%`.
+        at: usize,
+    },
+    /// A decoded name or value is not UTF-8.
+    #[error("a decoded parameter is not valid UTF-8")]
+    InvalidUtf8,
+}
+
+/// Decodes `name=value&...` into pairs in arrival order; repeated names are kept, `+` is a
+/// space, an empty segment is skipped and a segment without `=` has an empty value.
+pub fn parse(input: &[u8]) -> Result<Vec<(String, String)>, FormError> {
+    let mut pairs = Vec::with_capacity(12);
+    let mut offset = 0;
+    for segment in input.split(|&b| b == b'&') {
+        let start = offset;
+        offset += segment.len() + 1;
+        if segment.is_empty() {
+            continue;
+        }
+        let (name, value, value_at) = match segment.iter().position(|&b| b == b'=') {
+            Some(eq) => (&segment[..eq], &segment[eq + 1..], start + eq + 1),
+            None => (segment, &segment[segment.len()..], start + segment.len()),
+        };
+        pairs.push((decode(name, start)?, decode(value, value_at)?));
+    }
+    Ok(pairs)
+}
+
+fn decode(raw: &[u8], at: usize) -> Result<String, FormError> {
+    if !raw.iter().any(|&b| b == b'%' || b == b'+') {
+        return std::str::from_utf8(raw)
+            .map(str::to_owned)
+            .map_err(|_| FormError::InvalidUtf8);
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        match raw[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hi = raw.get(i + 1).and_then(|&b| hex(b));
+                let lo = raw.get(i + 2).and_then(|&b| hex(b));
+                match (hi, lo) {
+                    (Some(hi), Some(lo)) => out.push(hi << 4 | lo),
+                    _ => return Err(FormError::MalformedEncoding { at: at + i }),
+                }
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| FormError::InvalidUtf8)
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Encodes pairs as a form body (used by `simulate` and tests).
+pub fn encode(pairs: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(pairs.len() * 48);
+    for (i, (name, value)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        encode_into(name, &mut out);
+        out.push('=');
+        encode_into(value, &mut out);
+    }
+    out
+}
+
+fn encode_into(text: &str, out: &mut String) {
+    use std::fmt::Write;
+    for &b in text.as_bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            b => {
+                let _ = write!(out, "%{b:02X}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn decodes_and_keeps_repeats_in_order() {
+        assert_eq!(
+            parse(b"A=1&B=hello+world&A=%2B%41&&C&D=").unwrap(),
+            pairs(&[
+                ("A", "1"),
+                ("B", "hello world"),
+                ("A", "+A"),
+                ("C", ""),
+                ("D", "")
+            ])
+        );
+    }
+
+    #[test]
+    fn rejects_broken_escapes_and_bad_utf8() {
+        assert_eq!(
+            parse(b"A=1&B=%G1"),
+            Err(FormError::MalformedEncoding { at: 6 })
+        );
+        assert_eq!(parse(b"A=%4"), Err(FormError::MalformedEncoding { at: 2 }));
+        assert_eq!(parse(b"A=%FF%FE"), Err(FormError::InvalidUtf8));
+        assert_eq!(parse(b"A=\xff"), Err(FormError::InvalidUtf8));
+    }
+
+    #[test]
+    fn encode_round_trips() {
+        let p = pairs(&[
+            ("Message", "Hello & goodbye! @#$%^*()"),
+            ("Special", "ñáé +"),
+        ]);
+        assert_eq!(parse(encode(&p).as_bytes()).unwrap(), p);
+    }
+}

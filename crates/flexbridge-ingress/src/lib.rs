@@ -1,0 +1,11 @@
+//! flexbridge ingress: decides whether a request is an *authentic* Twilio Flex Interactions
+//! webhook, and answers it only after every sink confirmed the event.
+
+pub mod config;
+pub mod form;
+pub mod server;
+pub mod signature;
+
+pub use config::{IngressConfig, TwilioConfig};
+pub use server::{Ingress, IngressError, Rejection};
+pub use signature::{sign, Algorithm, Signed, Verifier, VerifyError};

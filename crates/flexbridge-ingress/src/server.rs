@@ -1,0 +1,518 @@
+//! The webhook listener: parse, verify, normalize, deliver, and answer 200 only after every
+//! sink confirmed.
+
+use crate::config::{IngressConfig, TwilioConfig};
+use crate::form::{self, FormError};
+use crate::signature::{Signed, Verifier, VerifyError};
+use bytes::Bytes;
+use flexbridge_core::metrics::Metrics;
+use flexbridge_core::{
+    normalize, Attestation, Delivery, DeliveryError, NormalizeError, Verified, WebhookRequest,
+};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Body;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+/// Why a request was not acknowledged. The mapping to an HTTP status lives here only.
+#[derive(Debug, thiserror::Error)]
+pub enum Rejection {
+    /// Not the webhook path.
+    #[error("no webhook at this path")]
+    NotFound,
+    /// Neither POST nor GET.
+    #[error("method not allowed; use POST or GET")]
+    MethodNotAllowed,
+    /// A POST that is neither form-encoded nor JSON.
+    #[error(
+        "unsupported content type {0:?}; use application/x-www-form-urlencoded or application/json"
+    )]
+    UnsupportedMediaType(String),
+    /// Larger than `ingress.max_body_bytes`.
+    #[error("body larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// The body did not arrive within `ingress.body_read_timeout`.
+    #[error("the body did not arrive in time")]
+    BodyTimeout,
+    /// The body could not be read.
+    #[error("the body could not be read: {0}")]
+    BodyRead(String),
+    /// Broken percent-encoding or invalid UTF-8.
+    #[error(transparent)]
+    Form(#[from] FormError),
+    /// A JSON body that is not a JSON object.
+    #[error("the JSON body is not a JSON object: {0}")]
+    InvalidJson(String),
+    /// Not proven to come from Twilio.
+    #[error(transparent)]
+    Verification(#[from] VerifyError),
+    /// An Account SID outside `twilio.account_sids`.
+    #[error("account {0} is not allowed")]
+    AccountNotAllowed(String),
+    /// `EventType` or `AccountSid` missing.
+    #[error(transparent)]
+    Normalize(#[from] NormalizeError),
+    /// A sink did not confirm.
+    #[error(transparent)]
+    Delivery(#[from] DeliveryError),
+}
+
+impl Rejection {
+    /// The HTTP status for this rejection.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::BodyRead(_) | Self::Form(_) | Self::InvalidJson(_) | Self::Normalize(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::Verification(_) | Self::AccountNotAllowed(_) => StatusCode::FORBIDDEN,
+            Self::Delivery(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A low-cardinality reason (metric label, response body).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::BodyTimeout => "body_timeout",
+            Self::BodyRead(_) => "body_read_error",
+            Self::Form(FormError::MalformedEncoding { .. }) => "malformed_encoding",
+            Self::Form(FormError::InvalidUtf8) => "invalid_utf8",
+            Self::InvalidJson(_) => "invalid_json",
+            Self::Verification(e) => e.reason(),
+            Self::AccountNotAllowed(_) => "account_not_allowed",
+            Self::Normalize(NormalizeError::MissingEventType) => "missing_event_type",
+            Self::Normalize(NormalizeError::MissingAccountSid) => "missing_account_sid",
+            Self::Delivery(_) => "sink_unavailable",
+        }
+    }
+}
+
+/// Errors building the ingress.
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    /// Invalid settings.
+    #[error("invalid ingress settings: {}", .0.join("; "))]
+    Config(Vec<String>),
+}
+
+/// The webhook handler and its listener.
+pub struct Ingress {
+    config: IngressConfig,
+    verifier: Option<Verifier>,
+    account_sids: HashSet<String>,
+    delivery: Arc<Delivery>,
+    metrics: Metrics,
+    ok_counter: prometheus::IntCounter,
+    retry_after: HeaderValue,
+    request_prefix: String,
+    request_counter: AtomicU64,
+}
+
+impl Ingress {
+    /// Builds the handler; `twilio.verify_signatures = false` disables verification.
+    pub fn new(
+        config: IngressConfig,
+        twilio: &TwilioConfig,
+        delivery: Arc<Delivery>,
+        metrics: Metrics,
+    ) -> Result<Self, IngressError> {
+        let mut errors = config.validate();
+        errors.extend(twilio.validate());
+        if !errors.is_empty() {
+            return Err(IngressError::Config(errors));
+        }
+        let verifier = twilio
+            .verify_signatures
+            .then(|| Verifier::new(twilio.auth_tokens.clone(), twilio.shared_keys.clone()));
+        let retry_after = HeaderValue::from(config.retry_after.as_secs().max(1));
+        Ok(Self {
+            ok_counter: metrics.http_requests.with_label_values(&["200"]),
+            verifier,
+            account_sids: twilio.account_sids.iter().cloned().collect(),
+            delivery,
+            metrics,
+            retry_after,
+            request_prefix: format!("{:08x}", rand_prefix()),
+            request_counter: AtomicU64::new(0),
+            config,
+        })
+    }
+
+    /// Accepts connections until `shutdown` resolves, then stops accepting and lets in-flight
+    /// requests finish for up to `grace`. Returns the number of connections cut at the end.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+        grace: Duration,
+    ) -> usize {
+        let graceful = GracefulShutdown::new();
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.config.header_read_timeout)
+            .keep_alive(true);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        let this = Arc::clone(&self);
+                        let service = service_fn(move |request| {
+                            let this = Arc::clone(&this);
+                            async move { Ok::<_, Infallible>(this.handle(request).await) }
+                        });
+                        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                        tokio::spawn(async move {
+                            if let Err(error) = connection.await {
+                                tracing::debug!(%error, "connection ended with an error");
+                            }
+                        });
+                    }
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(%error, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                () = &mut shutdown => break,
+            }
+        }
+        drop(listener);
+        let open = graceful.count();
+        tracing::info!(open_connections = open, grace = %humantime::format_duration(grace), "webhook listener closed; finishing in-flight requests");
+        match tokio::time::timeout(grace, graceful.shutdown()).await {
+            Ok(()) => 0,
+            Err(_) => {
+                tracing::warn!("grace period over with requests still in flight; cutting them");
+                1
+            }
+        }
+    }
+
+    /// Handles one request. Never panics on input and never answers 500.
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Display + Send + Sync + 'static + std::error::Error,
+    {
+        let request_id = self.request_id(request.headers());
+        let span = tracing::info_span!("request", request_id = %request_id);
+        let _in_flight = InFlight::new(&self.metrics.in_flight);
+        let mut response = match self.process(request).instrument(span.clone()).await {
+            Ok(id) => {
+                self.ok_counter.inc();
+                tracing::debug!(parent: &span, event_id = %id, "event delivered");
+                json_response(StatusCode::OK, format!("{{\"id\":\"{id}\"}}"))
+            }
+            Err(rejection) => self.reject(&rejection, &span),
+        };
+        if let Ok(value) = HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert("x-request-id", value);
+        }
+        response
+    }
+
+    async fn process<B>(&self, request: Request<B>) -> Result<String, Rejection>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Display + Send + Sync + 'static + std::error::Error,
+    {
+        if request.uri().path() != self.config.path {
+            return Err(Rejection::NotFound);
+        }
+        let (parts, body) = request.into_parts();
+        let query = parts.uri.query().unwrap_or("");
+        let json = match parts.method {
+            Method::POST => match content_type(&parts.headers) {
+                ContentType::Form => false,
+                ContentType::Json => true,
+                ContentType::Other(other) => return Err(Rejection::UnsupportedMediaType(other)),
+            },
+            Method::GET => false,
+            _ => return Err(Rejection::MethodNotAllowed),
+        };
+        let body = if parts.method == Method::POST {
+            self.read_body(&parts.headers, body).await?
+        } else {
+            Bytes::new()
+        };
+        let params = if parts.method == Method::GET {
+            form::parse(query.as_bytes())?
+        } else if json {
+            json_params(&body)?
+        } else {
+            form::parse(&body)?
+        };
+        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+        let request = WebhookRequest {
+            params,
+            idempotency_token: header("i-twilio-idempotency-token").map(str::to_owned),
+            received_at: SystemTime::now(),
+        };
+        let verified = match &self.verifier {
+            None => Verified::attest(request, Attestation::VerificationDisabled),
+            Some(verifier) => {
+                let url = self.signed_url(&parts);
+                let signed = Signed {
+                    url: &url,
+                    params: if parts.method == Method::POST && !json {
+                        &request.params
+                    } else {
+                        &[]
+                    },
+                    json_body: json.then_some(&body[..]),
+                    signature: header("x-twilio-signature"),
+                    settings: header("x-twilio-webhooks-signature-settings"),
+                };
+                let attestation = verifier.check(&signed)?;
+                Verified::attest(request, attestation)
+            }
+        };
+        if !self.account_sids.is_empty() {
+            let account = verified
+                .get()
+                .params
+                .iter()
+                .find(|(name, _)| name == "AccountSid")
+                .map(|(_, value)| value.as_str())
+                .unwrap_or("");
+            if !self.account_sids.contains(account) {
+                return Err(Rejection::AccountNotAllowed(account.to_owned()));
+            }
+        }
+        let event = normalize(verified)?;
+        self.metrics
+            .events
+            .with_label_values(&[event.kind().short_name()])
+            .inc();
+        self.delivery.deliver(&event).await?;
+        Ok(event.id().to_owned())
+    }
+
+    async fn read_body<B>(&self, headers: &HeaderMap, body: B) -> Result<Bytes, Rejection>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Display + Send + Sync + 'static + std::error::Error,
+    {
+        let limit = self.config.max_body_bytes;
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit as u64) {
+            return Err(Rejection::PayloadTooLarge(limit));
+        }
+        let collect = Limited::new(body, limit).collect();
+        match tokio::time::timeout(self.config.body_read_timeout, collect).await {
+            Err(_) => Err(Rejection::BodyTimeout),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
+                Err(Rejection::PayloadTooLarge(limit))
+            }
+            Ok(Err(error)) => Err(Rejection::BodyRead(error.to_string())),
+        }
+    }
+
+    /// The URL Twilio called: `public_url` + path + raw query, or the forwarded headers when
+    /// trusted, or the Host header.
+    fn signed_url(&self, parts: &http::request::Parts) -> String {
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/");
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.split(',').next().unwrap_or("").trim())
+                .filter(|v| !v.is_empty())
+        };
+        if self.config.trust_forwarded_headers {
+            if let (Some(proto), Some(host)) = (
+                header("x-forwarded-proto"),
+                header("x-forwarded-host").or(header("host")),
+            ) {
+                let port = header("x-forwarded-port")
+                    .filter(|_| !host.contains(':') || host.ends_with(']'))
+                    .map(|port| format!(":{port}"))
+                    .unwrap_or_default();
+                return format!("{proto}://{host}{port}{path_and_query}");
+            }
+        }
+        match &self.config.public_url {
+            Some(base) => format!("{}{path_and_query}", base.trim_end_matches('/')),
+            None => format!(
+                "http://{}{path_and_query}",
+                header("host").unwrap_or("localhost")
+            ),
+        }
+    }
+
+    fn reject(&self, rejection: &Rejection, span: &tracing::Span) -> Response<Full<Bytes>> {
+        let status = rejection.status();
+        let reason = rejection.reason();
+        self.metrics
+            .http_requests
+            .with_label_values(&[status.as_str()])
+            .inc();
+        match rejection {
+            Rejection::Verification(_) | Rejection::AccountNotAllowed(_) => {
+                self.metrics
+                    .verification_failures
+                    .with_label_values(&[reason])
+                    .inc();
+                tracing::warn!(parent: span, status = status.as_u16(), reason, error = %rejection, "request refused: not proven to come from Twilio");
+            }
+            Rejection::Delivery(_) => {
+                self.metrics
+                    .http_rejections
+                    .with_label_values(&[reason])
+                    .inc();
+                tracing::error!(parent: span, status = status.as_u16(), reason, error = %rejection, "event not acknowledged: a sink did not confirm it; Twilio does not retry 5xx by default, so this event is likely lost unless Twilio retries");
+            }
+            _ => {
+                self.metrics
+                    .http_rejections
+                    .with_label_values(&[reason])
+                    .inc();
+                tracing::warn!(parent: span, status = status.as_u16(), reason, error = %rejection, "request refused");
+            }
+        }
+        let body = serde_json::json!({ "error": reason, "message": rejection.to_string() });
+        let mut response = json_response(status, body.to_string());
+        match rejection {
+            Rejection::Delivery(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, self.retry_after.clone());
+            }
+            Rejection::MethodNotAllowed => {
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("POST, GET"));
+            }
+            _ => {}
+        }
+        response
+    }
+
+    fn request_id(&self, headers: &HeaderMap) -> String {
+        let incoming = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()));
+        match incoming {
+            Some(id) => id.to_owned(),
+            None => {
+                let n = self.request_counter.fetch_add(1, Ordering::Relaxed);
+                format!("{}-{n:x}", self.request_prefix)
+            }
+        }
+    }
+}
+
+enum ContentType {
+    Form,
+    Json,
+    Other(String),
+}
+
+fn content_type(headers: &HeaderMap) -> ContentType {
+    let raw = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = raw.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        ContentType::Form
+    } else if essence.eq_ignore_ascii_case("application/json") {
+        ContentType::Json
+    } else {
+        ContentType::Other(raw.chars().take(100).collect())
+    }
+}
+
+/// A JSON body's top-level members as parameters: strings as they are, numbers and booleans
+/// as their JSON text, arrays as repeated parameters, nested objects as JSON text, null skipped.
+fn json_params(body: &[u8]) -> Result<Vec<(String, String)>, Rejection> {
+    use serde_json::Value;
+    let object: serde_json::Map<String, Value> =
+        serde_json::from_slice(body).map_err(|e| Rejection::InvalidJson(e.to_string()))?;
+    let mut params = Vec::with_capacity(object.len());
+    fn text(value: Value) -> Option<String> {
+        match value {
+            Value::Null => None,
+            Value::String(s) => Some(s),
+            other => Some(other.to_string()),
+        }
+    }
+    for (name, value) in object {
+        match value {
+            Value::Array(items) => params.extend(
+                items
+                    .into_iter()
+                    .filter_map(text)
+                    .map(|v| (name.clone(), v)),
+            ),
+            value => params.extend(text(value).map(|v| (name, v))),
+        }
+    }
+    Ok(params)
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn rand_prefix() -> u32 {
+    use std::hash::{BuildHasher, RandomState};
+    // RandomState is seeded randomly per process: enough for a log correlation prefix.
+    RandomState::new().hash_one(std::process::id()) as u32
+}
+
+/// Keeps `flexbridge_http_requests_in_flight` right even when a request is cancelled.
+struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlight<'a> {
+    fn new(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,170 @@
+//! Wiring: sinks, delivery, ingress and admin listeners, health loop, graceful shutdown.
+
+use crate::admin::{self, AdminState};
+use crate::config::{AppConfig, SinkConfig};
+use anyhow::Context as _;
+use flexbridge_core::metrics::Metrics;
+use flexbridge_core::{Delivery, Sink};
+use flexbridge_ingress::Ingress;
+use flexbridge_sink_file::{FileSink, StdoutSink};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// A started daemon.
+pub struct Running {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Opens every configured sink.
+pub fn open_sinks(configs: &[SinkConfig]) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
+    configs
+        .iter()
+        .map(|config| -> anyhow::Result<Arc<dyn Sink>> {
+            Ok(match config {
+                SinkConfig::File(c) => {
+                    Arc::new(FileSink::open(c).with_context(|| format!("sink {}", c.name))?)
+                }
+                SinkConfig::Stdout(c) => {
+                    Arc::new(StdoutSink::open(c).with_context(|| format!("sink {}", c.name))?)
+                }
+            })
+        })
+        .collect()
+}
+
+/// Binds the configured addresses and starts.
+pub async fn start(config: AppConfig) -> anyhow::Result<Running> {
+    let ingress = TcpListener::bind(config.ingress.listen)
+        .await
+        .with_context(|| format!("cannot bind ingress.listen {}", config.ingress.listen))?;
+    let admin = TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("cannot bind admin.listen {}", config.admin.listen))?;
+    start_on(config, ingress, admin).await
+}
+
+/// Starts on listeners the caller bound (the demo binds random ports first).
+pub async fn start_on(
+    config: AppConfig,
+    ingress_listener: TcpListener,
+    admin_listener: TcpListener,
+) -> anyhow::Result<Running> {
+    let registry = prometheus::Registry::new();
+    let metrics = Metrics::register(&registry).context("registering metrics")?;
+    let verification = if config.twilio.verify_signatures {
+        "enabled"
+    } else {
+        tracing::warn!("signature verification is DISABLED (twilio.verify_signatures = false): anyone who can reach the listener can inject events");
+        "disabled"
+    };
+    metrics
+        .info
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), verification])
+        .set(1);
+    if config.ingress.public_url.is_none() && !config.ingress.trust_forwarded_headers {
+        tracing::warn!("ingress.public_url is not set: the signed URL is rebuilt from the Host header as http://, which fails behind a TLS proxy");
+    }
+    let policy = config
+        .delivery
+        .policy()
+        .map_err(|e| anyhow::anyhow!("delivery settings: {e:?}"))?;
+    let sinks = open_sinks(&config.sinks)?;
+    let delivery = Arc::new(Delivery::new(
+        sinks,
+        policy,
+        config.delivery.ack_timeout,
+        &metrics,
+    ));
+    let ingress = Arc::new(Ingress::new(
+        config.ingress.clone(),
+        &config.twilio,
+        Arc::clone(&delivery),
+        metrics,
+    )?);
+    let ingress_addr = ingress_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let state = Arc::new(AdminState::new(registry, Arc::clone(&delivery)));
+    state.refresh_health(config.admin.health_timeout).await;
+    let (stop, stopped) = watch::channel(false);
+    let (finished, admin_until) = watch::channel(false);
+    tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::clone(&state),
+        admin_until,
+    ));
+    tokio::spawn(admin::health_loop(
+        Arc::clone(&state),
+        config.admin.health_interval,
+        config.admin.health_timeout,
+        stopped.clone(),
+    ));
+    tracing::info!(
+        ingress = %ingress_addr,
+        path = %config.ingress.path,
+        admin = %admin_addr,
+        sinks = ?config.sinks.iter().map(SinkConfig::name).collect::<Vec<_>>(),
+        signature_verification = verification,
+        "flexbridge is listening"
+    );
+
+    let shutdown = config.shutdown.clone();
+    let task = tokio::spawn(async move {
+        let mut signal = stopped.clone();
+        let stop_requested = async move {
+            let _ = signal.wait_for(|stop| *stop).await;
+        };
+        let serving = Arc::clone(&ingress).serve(
+            ingress_listener,
+            async {
+                stop_requested.await;
+                state.draining.store(true, Ordering::SeqCst);
+                tracing::info!("shutting down: readiness is now false");
+                tokio::time::sleep(shutdown.readiness_delay).await;
+            },
+            shutdown.grace_period,
+        );
+        let cut = serving.await;
+        let mut failed = false;
+        for (sink, result) in delivery.drain(shutdown.drain_timeout).await {
+            match result {
+                Ok(()) => tracing::info!(sink, "sink drained"),
+                Err(error) => {
+                    failed = true;
+                    tracing::error!(sink, %error, "sink did not drain cleanly");
+                }
+            }
+        }
+        let _ = finished.send(true);
+        if cut > 0 || failed {
+            tracing::warn!("shutdown finished with requests cut or sinks not drained");
+        } else {
+            tracing::info!("shutdown complete");
+        }
+        Ok(())
+    });
+    Ok(Running { stop, task })
+}
+
+impl Running {
+    /// Stops accepting, finishes in-flight requests, drains the sinks.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.task.await.context("the daemon task failed")?
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn termination_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}

@@ -1,0 +1,285 @@
+//! The `flexbridge` binary: command line, logging and wiring.
+
+mod admin;
+mod config;
+mod daemon;
+mod demo;
+mod simulate;
+mod traffic;
+
+use anyhow::Context as _;
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Exit code for an invalid configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+/// Receives Twilio Flex Interactions webhooks, proves they come from Twilio, normalizes them
+/// to CloudEvents and acknowledges them only once every sink has confirmed them.
+#[derive(Parser)]
+#[command(name = "flexbridge", version, about)]
+struct Cli {
+    /// Log format on standard error.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "FLEXBRIDGE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info` or `flexbridge_ingress=debug` (RUST_LOG also works).
+    #[arg(long, global = true, env = "FLEXBRIDGE_LOG_LEVEL")]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon until SIGTERM or SIGINT.
+    Run {
+        /// Configuration file (.toml or .yaml); without it, embedded defaults.
+        #[arg(long, short, env = "FLEXBRIDGE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate the configuration and print it with secrets redacted.
+    CheckConfig {
+        /// Configuration file (.toml or .yaml).
+        #[arg(long, short, env = "FLEXBRIDGE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Start a local daemon and send it one signed interaction lifecycle; no set-up needed.
+    Demo,
+    /// Send realistic, signed Flex traffic to a URL and report status counts and latency.
+    #[command(group(ArgGroup::new("stop").args(["count", "duration"])))]
+    Simulate {
+        /// The webhook URL (http://).
+        #[arg(long)]
+        url: String,
+        /// Auth Token to sign with (HMAC-SHA1); without it and without a SharedKey the
+        /// requests are unsigned.
+        #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
+        auth_token: Option<String>,
+        /// Sign with a SharedKey (HMAC-SHA256) instead: its key id...
+        #[arg(long, requires = "shared_key_secret")]
+        shared_key_id: Option<String>,
+        /// ...and its secret.
+        #[arg(long, requires = "shared_key_id", hide_env_values = true)]
+        shared_key_secret: Option<String>,
+        /// HTTP method: POST sends a form body, GET puts the parameters in the query.
+        #[arg(long, value_enum, default_value = "post")]
+        method: HttpMethod,
+        /// Send POST bodies as JSON with bodySHA256 instead of a form.
+        #[arg(long, conflicts_with = "method")]
+        json: bool,
+        /// Number of requests (default 100 without --duration).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Send for this long, e.g. `30s`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Requests per second in all (default: as fast as answered).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Concurrent connections, each with one request in flight.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Account SID of the generated traffic (default: random).
+        #[arg(long)]
+        account_sid: Option<String>,
+        /// Seed for reproducible traffic.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json_summary: bool,
+        /// Do not draw a progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Print the JSON Schemas (draft 2020-12) of the CloudEvents flexbridge emits, or write
+    /// them to a directory.
+    Schema {
+        /// Directory to write the schema files to.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum HttpMethod {
+    Post,
+    Get,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, cli.log_level.as_deref());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("flexbridge: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("flexbridge: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = level
+        .map(EnvFilter::new)
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
+    };
+}
+
+fn load_config(path: Option<&std::path::Path>) -> Result<config::AppConfig, ExitCode> {
+    config::load(path).map_err(|errors| {
+        eprintln!("flexbridge: {errors}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run { config } => {
+            let config = match load_config(config.as_deref()) {
+                Ok(config) => config,
+                Err(code) => return Ok(code),
+            };
+            let running = daemon::start(config).await?;
+            let signal = daemon::termination_signal().await?;
+            tracing::info!(signal, "termination signal received");
+            // A second signal while draining means "now".
+            tokio::spawn(async {
+                if daemon::termination_signal().await.is_ok() {
+                    tracing::warn!("second termination signal: exiting without draining");
+                    std::process::exit(1);
+                }
+            });
+            running.shutdown().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { config } => {
+            let config = match load_config(config.as_deref()) {
+                Ok(config) => config,
+                Err(code) => return Ok(code),
+            };
+            print!("{}", config::to_redacted_toml(&config));
+            eprintln!("flexbridge: configuration is valid");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => {
+            demo::run().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Simulate {
+            url,
+            auth_token,
+            shared_key_id,
+            shared_key_secret,
+            method,
+            json,
+            count,
+            duration,
+            rate,
+            concurrency,
+            account_sid,
+            seed,
+            json_summary,
+            no_progress,
+        } => {
+            let signer = match (shared_key_id, shared_key_secret, auth_token) {
+                (Some(id), Some(secret), _) => simulate::Signer::SharedKey(id, secret),
+                (_, _, Some(token)) => simulate::Signer::AuthToken(token),
+                _ => {
+                    tracing::warn!("no --auth-token or SharedKey: requests are unsigned");
+                    simulate::Signer::None
+                }
+            };
+            let encoding = match (json, method) {
+                (true, _) => simulate::Encoding::Json,
+                (false, HttpMethod::Post) => simulate::Encoding::Form,
+                (false, HttpMethod::Get) => simulate::Encoding::Get,
+            };
+            let mut traffic = traffic::Traffic::new(String::new(), String::new(), rand::random());
+            let summary = simulate::run(simulate::Options {
+                url,
+                signer,
+                encoding,
+                count,
+                duration,
+                rate,
+                concurrency,
+                account_sid: account_sid.unwrap_or_else(|| traffic.sid("AC")),
+                instance_sid: traffic.sid("GO"),
+                seed: seed.unwrap_or_else(rand::random),
+                progress: !no_progress,
+            })
+            .await?;
+            if json_summary {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                print!("{}", summary.render());
+            }
+            Ok(if summary.all_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Schema { out } => {
+            let files = flexbridge_core::schema::v1::SCHEMA_FILES;
+            match out {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                    for (name, content) in files {
+                        let path = dir.join(name);
+                        std::fs::write(&path, content)
+                            .with_context(|| format!("cannot write {}", path.display()))?;
+                        println!("{}", path.display());
+                    }
+                }
+                None => {
+                    let mut all = serde_json::Map::new();
+                    for (name, content) in files {
+                        all.insert((*name).to_owned(), serde_json::from_str(content)?);
+                    }
+                    println!("{}", serde_json::to_string_pretty(&all)?);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,447 @@
+//! `flexbridge simulate`: signed, realistic Flex traffic against any URL, and the load
+//! generator for our own benchmarks. One HTTP/1.1 connection per concurrency slot; each slot
+//! sends one interaction's events in order, so per-interaction order holds at the receiver.
+
+use crate::traffic::{Params, Traffic};
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use flexbridge_ingress::signature::{body_sha256, sign, Algorithm};
+use hdrhistogram::Histogram;
+use http::{header, HeaderValue, Method, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// How webhooks are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Encoding {
+    /// POST with a form body (Twilio's default).
+    Form,
+    /// GET with the parameters in the query string.
+    Get,
+    /// POST with a JSON body and `bodySHA256` in the query.
+    Json,
+}
+
+/// The key requests are signed with.
+#[derive(Clone)]
+pub enum Signer {
+    /// No `X-Twilio-Signature` (to see a receiver refuse it).
+    None,
+    /// HMAC-SHA1 with an Auth Token.
+    AuthToken(String),
+    /// HMAC-SHA256 with a SharedKey: key id and secret.
+    SharedKey(String, String),
+}
+
+/// Where requests go.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The full URL, as signed.
+    pub url: String,
+    authority: String,
+    path_and_query: String,
+}
+
+impl Target {
+    /// Parses an `http://` URL.
+    pub fn parse(url: &str) -> anyhow::Result<Self> {
+        let uri: Uri = url
+            .parse()
+            .with_context(|| format!("invalid URL {url:?}"))?;
+        if uri.scheme_str() != Some("http") {
+            bail!("only http:// URLs are supported (put a TLS proxy in front for https)");
+        }
+        let authority = uri
+            .authority()
+            .context("the URL has no host")?
+            .as_str()
+            .rsplit('@')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let path_and_query = uri
+            .path_and_query()
+            .map(|pq| pq.as_str().to_owned())
+            .unwrap_or_else(|| "/".to_owned());
+        Ok(Self {
+            url: url.to_owned(),
+            authority,
+            path_and_query,
+        })
+    }
+
+    fn connect_addr(&self) -> String {
+        if self
+            .authority
+            .rsplit(':')
+            .next()
+            .is_some_and(|p| p.parse::<u16>().is_ok())
+            && !self.authority.ends_with(']')
+        {
+            self.authority.clone()
+        } else {
+            format!("{}:80", self.authority)
+        }
+    }
+}
+
+/// A webhook as it goes on the wire, and what its signature covers.
+struct Wire<'a> {
+    method: Method,
+    path: String,
+    signed_url: String,
+    signed_params: &'a [(String, String)],
+    body: Bytes,
+    content_type: Option<&'static str>,
+}
+
+/// Builds one signed webhook request.
+pub fn build_request(
+    target: &Target,
+    encoding: Encoding,
+    signer: &Signer,
+    params: &Params,
+    idempotency_token: &str,
+) -> anyhow::Result<Request<Full<Bytes>>> {
+    let sep = if target.path_and_query.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    let wire = match encoding {
+        Encoding::Form => Wire {
+            method: Method::POST,
+            path: target.path_and_query.clone(),
+            signed_url: target.url.clone(),
+            signed_params: params,
+            body: Bytes::from(flexbridge_ingress::form::encode(params)),
+            content_type: Some("application/x-www-form-urlencoded"),
+        },
+        Encoding::Get => {
+            let query = flexbridge_ingress::form::encode(params);
+            Wire {
+                method: Method::GET,
+                path: format!("{}{sep}{query}", target.path_and_query),
+                signed_url: format!("{}{sep}{query}", target.url),
+                signed_params: &[],
+                body: Bytes::new(),
+                content_type: None,
+            }
+        }
+        Encoding::Json => {
+            let object: serde_json::Map<String, serde_json::Value> = params
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
+                .collect();
+            let body = serde_json::to_vec(&object)?;
+            let hash = format!("bodySHA256={}", body_sha256(&body));
+            Wire {
+                method: Method::POST,
+                path: format!("{}{sep}{hash}", target.path_and_query),
+                signed_url: format!("{}{sep}{hash}", target.url),
+                signed_params: &[],
+                body: Bytes::from(body),
+                content_type: Some("application/json"),
+            }
+        }
+    };
+    let Wire {
+        method,
+        path,
+        signed_url,
+        signed_params,
+        body,
+        content_type,
+    } = wire;
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, target.authority.as_str())
+        .header(header::USER_AGENT, "TwilioProxy/1.1 (flexbridge simulate)")
+        .header("I-Twilio-Idempotency-Token", idempotency_token)
+        .body(Full::new(body))?;
+    let headers = request.headers_mut();
+    if let Some(content_type) = content_type {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    }
+    match signer {
+        Signer::None => {}
+        Signer::AuthToken(token) => {
+            let signature = sign(Algorithm::HmacSha1, token, &signed_url, signed_params);
+            headers.insert("X-Twilio-Signature", HeaderValue::from_str(&signature)?);
+        }
+        Signer::SharedKey(id, secret) => {
+            let signature = sign(Algorithm::HmacSha256, secret, &signed_url, signed_params);
+            headers.insert("X-Twilio-Signature", HeaderValue::from_str(&signature)?);
+            headers.insert(
+                "X-Twilio-Webhooks-Signature-Settings",
+                HeaderValue::from_str(&format!("key={id},algorithm=HMAC_SHA256"))?,
+            );
+        }
+    }
+    Ok(request)
+}
+
+/// One keep-alive connection.
+pub struct Connection {
+    addr: String,
+    sender: Option<SendRequest<Full<Bytes>>>,
+}
+
+impl Connection {
+    /// A connection to the target, opened on first use.
+    pub fn new(target: &Target) -> Self {
+        Self {
+            addr: target.connect_addr(),
+            sender: None,
+        }
+    }
+
+    /// Sends a request; returns the status and body. Reconnects when the server closed.
+    pub async fn send(&mut self, request: Request<Full<Bytes>>) -> anyhow::Result<(u16, Bytes)> {
+        let sender = match &mut self.sender {
+            Some(sender) if !sender.is_closed() => sender,
+            _ => {
+                let stream = TcpStream::connect(&self.addr)
+                    .await
+                    .with_context(|| format!("cannot connect to {}", self.addr))?;
+                let _ = stream.set_nodelay(true);
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(connection);
+                self.sender.insert(sender)
+            }
+        };
+        sender.ready().await?;
+        let result = sender.send_request(request).await;
+        let response = match result {
+            Ok(response) => response,
+            Err(error) => {
+                self.sender = None;
+                return Err(error.into());
+            }
+        };
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, body))
+    }
+}
+
+/// What to send.
+pub struct Options {
+    /// The webhook URL (`http://`).
+    pub url: String,
+    /// The signing key.
+    pub signer: Signer,
+    /// Form POST, GET or JSON.
+    pub encoding: Encoding,
+    /// Stop after this many requests.
+    pub count: Option<u64>,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+    /// Requests per second in all; `None` is as fast as the receiver answers.
+    pub rate: Option<f64>,
+    /// Connections, each with one request in flight.
+    pub concurrency: usize,
+    /// Account SID for the traffic.
+    pub account_sid: String,
+    /// Flex instance SID for the traffic.
+    pub instance_sid: String,
+    /// Seed of the generator.
+    pub seed: u64,
+    /// Draw a progress bar on a terminal.
+    pub progress: bool,
+}
+
+/// The result of a run.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    /// Requests that got an answer or failed.
+    pub sent: u64,
+    /// Wall time.
+    pub elapsed_secs: f64,
+    /// Requests per second.
+    pub rate: f64,
+    /// Count by HTTP status, and `error` for connection failures.
+    pub status: BTreeMap<String, u64>,
+    /// Latency percentiles in milliseconds.
+    pub latency_ms: BTreeMap<String, f64>,
+}
+
+impl Summary {
+    /// True when every request got a 2xx.
+    pub fn all_ok(&self) -> bool {
+        self.status
+            .iter()
+            .all(|(status, _)| status.starts_with('2'))
+    }
+
+    /// The summary for people.
+    pub fn render(&self) -> String {
+        let statuses = self
+            .status
+            .iter()
+            .map(|(s, n)| format!("{s}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let latency = ["p50", "p90", "p99", "max"]
+            .iter()
+            .map(|k| {
+                format!(
+                    "{k} {:.2} ms",
+                    self.latency_ms.get(*k).copied().unwrap_or(0.0)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("  ");
+        format!(
+            "sent {} requests in {:.2} s ({:.0} req/s)\nstatus  {statuses}\nlatency {latency}\n",
+            self.sent, self.elapsed_secs, self.rate
+        )
+    }
+}
+
+struct Worker {
+    histogram: Histogram<u64>,
+    status: BTreeMap<String, u64>,
+}
+
+/// Runs the traffic and returns the summary.
+pub async fn run(options: Options) -> anyhow::Result<Summary> {
+    let target = Arc::new(Target::parse(&options.url)?);
+    let concurrency = options.concurrency.max(1);
+    let limit = options.count.unwrap_or(if options.duration.is_some() {
+        u64::MAX
+    } else {
+        100
+    });
+    let progress = if options.progress {
+        let bar = match options.count {
+            Some(n) => ProgressBar::new(n),
+            None => ProgressBar::new_spinner(),
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {elapsed_precise} [{bar:30}] {pos}/{len} {per_sec}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let claimed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = options.duration.map(|d| started + d);
+    let mut tasks = Vec::with_capacity(concurrency);
+    for slot in 0..concurrency {
+        let target = Arc::clone(&target);
+        let claimed = Arc::clone(&claimed);
+        let progress = progress.clone();
+        let signer = options.signer.clone();
+        let encoding = options.encoding;
+        let rate = options.rate;
+        let mut traffic = Traffic::new(
+            options.account_sid.clone(),
+            options.instance_sid.clone(),
+            options.seed.wrapping_add(slot as u64),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut worker = Worker {
+                histogram: Histogram::new(3)?,
+                status: BTreeMap::new(),
+            };
+            let mut connection = Connection::new(&target);
+            let mut pending: std::vec::IntoIter<Params> = Vec::new().into_iter();
+            loop {
+                let seq = claimed.fetch_add(1, Ordering::Relaxed);
+                if seq >= limit || deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                if let Some(rate) = rate.filter(|r| *r > 0.0) {
+                    let due = started + Duration::from_secs_f64(seq as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let params = match pending.next() {
+                    Some(p) => p,
+                    None => {
+                        pending = traffic.lifecycle().into_iter();
+                        pending.next().context("empty lifecycle")?
+                    }
+                };
+                let token = traffic.sid("idem-");
+                let request = build_request(&target, encoding, &signer, &params, &token)?;
+                let sent = Instant::now();
+                let label = match connection.send(request).await {
+                    Ok((status, _)) => status.to_string(),
+                    Err(error) => {
+                        tracing::debug!(%error, "request failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        "error".to_owned()
+                    }
+                };
+                let micros = sent.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+                let _ = worker.histogram.record(micros.max(1));
+                *worker.status.entry(label).or_default() += 1;
+                progress.inc(1);
+            }
+            anyhow::Ok(worker)
+        }));
+    }
+    let mut histogram = Histogram::<u64>::new(3)?;
+    let mut status = BTreeMap::new();
+    for task in tasks {
+        let worker = task.await.context("a simulate worker panicked")??;
+        histogram.add(&worker.histogram)?;
+        for (s, n) in worker.status {
+            *status.entry(s).or_default() += n;
+        }
+    }
+    progress.finish_and_clear();
+    let elapsed = started.elapsed().as_secs_f64();
+    let sent = histogram.len();
+    let mut latency_ms = BTreeMap::new();
+    for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99)] {
+        latency_ms.insert(
+            name.to_owned(),
+            histogram.value_at_quantile(q) as f64 / 1000.0,
+        );
+    }
+    latency_ms.insert("max".to_owned(), histogram.max() as f64 / 1000.0);
+    Ok(Summary {
+        sent,
+        elapsed_secs: elapsed,
+        rate: if elapsed > 0.0 {
+            sent as f64 / elapsed
+        } else {
+            0.0
+        },
+        status,
+        latency_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse() {
+        let t = Target::parse("http://127.0.0.1:8080/flex/interactions?x=1").unwrap();
+        assert_eq!(t.connect_addr(), "127.0.0.1:8080");
+        assert_eq!(t.path_and_query, "/flex/interactions?x=1");
+        assert_eq!(
+            Target::parse("http://localhost/x").unwrap().connect_addr(),
+            "localhost:80"
+        );
+        assert!(Target::parse("https://example.com/x").is_err());
+    }
+}

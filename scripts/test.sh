@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite: starts what it needs, checks formatting and lints, builds the binary
+# the end-to-end tests drive, and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/services.sh
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests in tests/ start the real binary.
+cargo build --locked -p flexbridge
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --profile ci
+else
+  cargo test --workspace --locked
+fi

@@ -1,0 +1,406 @@
+//! End to end through the real binary: signed requests in every accepted form reach the file
+//! sink; every kind of bad input is refused with its status, a log line and a metric, and
+//! nothing is written.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use flexbridge_e2e::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "e2e-auth-token";
+const PATH: &str = "/flex/interactions";
+
+fn file_sink_config(extra: &str) -> String {
+    format!(
+        "{extra}\n[twilio]\nauth_tokens = [\"{TOKEN}\"]\n\n[[sinks]]\nname = \"archive\"\ntype = \"file\"\npath = \"{{dir}}/events.jsonl\"\n"
+    )
+}
+
+#[test]
+fn signed_form_get_and_json_requests_are_written_before_the_200() {
+    let daemon = Daemon::start(&file_sink_config(""));
+    let events_path = daemon.dir.path().join("events.jsonl");
+
+    let form = signed_form(
+        &daemon,
+        PATH,
+        TOKEN,
+        &status_updated("KD0000000000000000000000000000000a", "closed"),
+    )
+    .header("I-Twilio-Idempotency-Token", "token-1")
+    .send(daemon.ingress);
+    assert_eq!(form.status, 200, "{}", form.text());
+    // Acknowledged means already on disk.
+    let written = read_events(&events_path);
+    assert_eq!(written.len(), 1);
+    assert_eq!(written[0]["id"], form.json()["id"]);
+    assert_eq!(
+        written[0]["type"],
+        "com.twilio.flex.interactions.channel.status_updated"
+    );
+    assert_eq!(written[0]["data"]["channel_status"], "closed");
+    assert!(form.header("x-request-id").is_some());
+
+    let via_get = signed_get(
+        &daemon,
+        PATH,
+        TOKEN,
+        &status_updated("KD0000000000000000000000000000000b", "inactive"),
+    )
+    .send(daemon.ingress);
+    assert_eq!(via_get.status, 200, "{}", via_get.text());
+
+    let body = br#"{"EventType":"onChannelCreateFailed","AccountSid":"AC00000000000000000000000000000000","ErrorCode":45001,"ErrorMessage":"nope"}"#;
+    let json = signed_json(&daemon, PATH, TOKEN, body).send(daemon.ingress);
+    assert_eq!(json.status, 200, "{}", json.text());
+
+    // The same delivery retried by Twilio (same idempotency token) keeps its id.
+    let retry = signed_form(
+        &daemon,
+        PATH,
+        TOKEN,
+        &status_updated("KD0000000000000000000000000000000a", "closed"),
+    )
+    .header("I-Twilio-Idempotency-Token", "token-1")
+    .send(daemon.ingress);
+    assert_eq!(retry.json()["id"], form.json()["id"]);
+
+    let written = read_events(&events_path);
+    assert_eq!(written.len(), 4);
+    assert_eq!(written[1]["data"]["channel_status"], "inactive");
+    assert_eq!(written[2]["data"]["error_code"], 45001);
+    assert!(written[2].get("subject").is_none());
+    assert_eq!(
+        daemon.metric("flexbridge_events_total{type=\"channel.status_updated\"}"),
+        3.0
+    );
+    assert_eq!(
+        daemon.metric("flexbridge_http_requests_total{status=\"200\"}"),
+        4.0
+    );
+    assert_eq!(
+        daemon.metric(
+            "flexbridge_sink_publish_duration_seconds_count{outcome=\"success\",sink=\"archive\"}"
+        ),
+        4.0
+    );
+    assert_eq!(get(daemon.admin, "/readyz").status, 200);
+    assert_eq!(get(daemon.admin, "/healthz").status, 200);
+}
+
+#[test]
+fn shared_key_signatures_and_token_rotation_are_accepted() {
+    let config = format!(
+        "[twilio]\nauth_tokens = [\"old-token\", \"{TOKEN}\"]\n[twilio.shared_keys]\nwebhooks_sharedkey_01 = \"shared-secret\"\n\n[[sinks]]\nname = \"archive\"\ntype = \"file\"\npath = \"{{dir}}/events.jsonl\"\n"
+    );
+    let daemon = Daemon::start(&config);
+    let p = status_updated("KD0000000000000000000000000000000c", "active");
+    let signature = sign(
+        Algorithm::HmacSha256,
+        "shared-secret",
+        &daemon.url(PATH),
+        &p,
+    );
+    let mut req = signed_form(&daemon, PATH, TOKEN, &p);
+    req.headers.retain(|(k, _)| k != "X-Twilio-Signature");
+    let response = req
+        .header("X-Twilio-Signature", &signature)
+        .header(
+            "X-Twilio-Webhooks-Signature-Settings",
+            "key=webhooks_sharedkey_01,algorithm=HMAC_SHA256",
+        )
+        .send(daemon.ingress);
+    assert_eq!(response.status, 200, "{}", response.text());
+    // Signed with the second (rotated-in) token.
+    assert_eq!(
+        signed_form(&daemon, PATH, TOKEN, &p)
+            .send(daemon.ingress)
+            .status,
+        200
+    );
+    assert_eq!(
+        signed_form(&daemon, PATH, "old-token", &p)
+            .send(daemon.ingress)
+            .status,
+        200
+    );
+}
+
+/// Every bad input: the status, a log line naming the reason, the metric, nothing written.
+#[test]
+fn bad_inputs_are_refused_with_status_log_and_metric_and_nothing_is_written() {
+    let config = file_sink_config("[ingress]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 2048\n")
+        .replace(
+            "[twilio]\n",
+            "[twilio]\naccount_sids = [\"AC00000000000000000000000000000000\"]\n",
+        );
+    let daemon = Daemon::start(&config);
+    let good = status_updated("KD0000000000000000000000000000000d", "active");
+    let other_account: Vec<(String, String)> = good
+        .iter()
+        .map(|(k, v)| {
+            let v = if k == "AccountSid" {
+                "AC11111111111111111111111111111111".to_owned()
+            } else {
+                v.clone()
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    let without = |name: &str| -> Vec<(String, String)> {
+        good.iter().filter(|(k, _)| k != name).cloned().collect()
+    };
+    let mut tampered = signed_form(&daemon, PATH, TOKEN, &good);
+    tampered.body = form_encode(&status_updated(
+        "KD0000000000000000000000000000000d",
+        "closed",
+    ))
+    .into_bytes();
+    let mut unsigned = signed_form(&daemon, PATH, TOKEN, &good);
+    unsigned.headers.retain(|(k, _)| k != "X-Twilio-Signature");
+    let mut bad_hash = signed_json(&daemon, PATH, TOKEN, br#"{"EventType":"onInteractionCreated","AccountSid":"AC00000000000000000000000000000000"}"#);
+    bad_hash.body = br#"{"EventType":"onInteractionCreated","AccountSid":"AC00000000000000000000000000000001"}"#.to_vec();
+    let malformed = {
+        let mut r = signed_form(&daemon, PATH, TOKEN, &good);
+        r.body = b"EventType=onInteractionCreated&AccountSid=%G1".to_vec();
+        r
+    };
+    let bad_utf8 = {
+        let mut r = signed_form(&daemon, PATH, TOKEN, &good);
+        r.body = b"EventType=onInteractionCreated&AccountSid=%FF%FE".to_vec();
+        r
+    };
+    let mut wrong_type = signed_form(&daemon, PATH, TOKEN, &good);
+    wrong_type.headers[0].1 = "text/plain".into();
+    let mut too_big = signed_form(&daemon, PATH, TOKEN, &good);
+    too_big.body = vec![b'a'; 4096];
+    let mut put = signed_form(&daemon, PATH, TOKEN, &good);
+    put.method = "PUT";
+    let mut elsewhere = signed_form(&daemon, PATH, TOKEN, &good);
+    elsewhere.path = "/other".into();
+
+    let cases: Vec<(&str, Req, u16, &str)> = vec![
+        ("unsigned", unsigned, 403, "signature_missing"),
+        ("tampered body", tampered, 403, "signature_mismatch"),
+        (
+            "signed with another token",
+            signed_form(&daemon, PATH, "wrong-token", &good),
+            403,
+            "signature_mismatch",
+        ),
+        ("JSON body altered", bad_hash, 403, "body_hash_mismatch"),
+        (
+            "account not allowed",
+            signed_form(&daemon, PATH, TOKEN, &other_account),
+            403,
+            "account_not_allowed",
+        ),
+        (
+            "malformed percent-encoding",
+            malformed,
+            400,
+            "malformed_encoding",
+        ),
+        ("invalid UTF-8", bad_utf8, 400, "invalid_utf8"),
+        (
+            "invalid JSON",
+            signed_json(&daemon, PATH, TOKEN, b"[1,2"),
+            400,
+            "invalid_json",
+        ),
+        (
+            "no EventType",
+            signed_form(&daemon, PATH, TOKEN, &without("EventType")),
+            400,
+            "missing_event_type",
+        ),
+        (
+            "no AccountSid",
+            signed_form(&daemon, PATH, TOKEN, &without("AccountSid")),
+            403,
+            "account_not_allowed",
+        ),
+        ("wrong method", put, 405, "method_not_allowed"),
+        ("unknown path", elsewhere, 404, "not_found"),
+        (
+            "unsupported content type",
+            wrong_type,
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "body over max_body_bytes",
+            too_big,
+            413,
+            "payload_too_large",
+        ),
+    ];
+    for (name, request, status, reason) in &cases {
+        let response = request.send(daemon.ingress);
+        assert_eq!(response.status, *status, "{name}: {}", response.text());
+        assert_eq!(response.json()["error"], *reason, "{name}");
+        daemon.wait_for_log(&format!("for {name}"), |l| l["reason"] == *reason);
+        let verification = status == &403;
+        let family = if verification {
+            "flexbridge_verification_failures_total"
+        } else {
+            "flexbridge_http_rejections_total"
+        };
+        assert!(
+            daemon.metric(&format!("{family}{{reason=\"{reason}\"}}")) >= 1.0,
+            "{name}: metric"
+        );
+    }
+    assert_eq!(
+        daemon.metric("flexbridge_http_requests_total{status=\"500\"}"),
+        0.0
+    );
+    assert_eq!(
+        daemon.metric("flexbridge_http_requests_total{status=\"200\"}"),
+        0.0
+    );
+    assert!(
+        read_events(&daemon.dir.path().join("events.jsonl")).is_empty(),
+        "nothing may be written"
+    );
+
+    // A wrong public URL is visible at once: the log names the URL variants tried.
+    let line = daemon.wait_for_log("naming the URLs tried", |l| {
+        l["reason"] == "signature_mismatch"
+    });
+    let error = line["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("http://{}{PATH}", daemon.ingress)),
+        "{error}"
+    );
+    assert!(
+        !daemon.logs().iter().any(|l| l.to_string().contains(TOKEN)),
+        "a secret was logged"
+    );
+
+    // A missing AccountSid without an allow-list is a 400.
+    let open = Daemon::start(&file_sink_config(""));
+    let response = signed_form(&open, PATH, TOKEN, &without("AccountSid")).send(open.ingress);
+    assert_eq!(response.status, 400);
+    assert_eq!(response.json()["error"], "missing_account_sid");
+}
+
+#[test]
+fn a_connection_that_does_not_send_its_headers_is_closed() {
+    let daemon = Daemon::start(&file_sink_config(
+        "[ingress]\nlisten = \"127.0.0.1:0\"\nheader_read_timeout = \"1s\"\n",
+    ));
+    let mut stream = TcpStream::connect(daemon.ingress).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"POST /flex/interactions HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 512];
+    // The server closes (possibly after a 408): read returns 0 or the response then 0.
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => continue,
+        }
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
+        "closed after {waited:?}, expected about 1 s"
+    );
+}
+
+#[test]
+fn a_sink_that_cannot_write_gives_503_with_retry_after_and_nothing_acknowledged() {
+    // /dev/full fails every write with ENOSPC: a real I/O fault, no mock.
+    let config = format!(
+        "[twilio]\nauth_tokens = [\"{TOKEN}\"]\n[delivery]\nack_timeout = \"2s\"\nmax_attempts = 2\n\n[[sinks]]\nname = \"full\"\ntype = \"file\"\npath = \"/dev/full\"\n"
+    );
+    let daemon = Daemon::start(&config);
+    let response = signed_form(
+        &daemon,
+        PATH,
+        TOKEN,
+        &status_updated("KD0000000000000000000000000000000e", "closed"),
+    )
+    .send(daemon.ingress);
+    assert_eq!(response.status, 503, "{}", response.text());
+    assert_eq!(response.header("retry-after"), Some("5"));
+    assert_eq!(response.json()["error"], "sink_unavailable");
+    let line = daemon.wait_for_log("at ERROR for the lost event", |l| {
+        l["level"] == "ERROR" && l["reason"] == "sink_unavailable"
+    });
+    assert!(line["error"].as_str().unwrap().contains("full"), "{line}");
+    assert_eq!(
+        daemon.metric("flexbridge_sink_failures_total{reason=\"io\",sink=\"full\"}"),
+        1.0
+    );
+    assert_eq!(
+        daemon.metric("flexbridge_sink_retries_total{sink=\"full\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn refuses_to_start_without_a_secret_and_check_config_redacts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[ingress]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    let output = std::process::Command::new(binary())
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("TWILIO_AUTH_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no secret to verify"), "{stderr}");
+
+    let output = std::process::Command::new(binary())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("TWILIO_AUTH_TOKEN", "very-secret-token")
+        .env("FLEXBRIDGE__TWILIO__SHARED_KEYS__K1", "another-secret")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("**REDACTED**"), "{stdout}");
+    assert!(
+        !stdout.contains("very-secret-token") && !stdout.contains("another-secret"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn disabled_verification_is_explicit_warned_and_labelled() {
+    let daemon = Daemon::start(
+        "[twilio]\nverify_signatures = false\n\n[[sinks]]\nname = \"archive\"\ntype = \"file\"\npath = \"{dir}/events.jsonl\"\n",
+    );
+    daemon.wait_for_log("warning that verification is off", |l| {
+        l["level"] == "WARN" && l["message"].as_str().unwrap_or("").contains("DISABLED")
+    });
+    let unsigned = Req {
+        method: "POST",
+        path: PATH.into(),
+        headers: vec![(
+            "Content-Type".into(),
+            "application/x-www-form-urlencoded; charset=utf-8".into(),
+        )],
+        body: form_encode(&status_updated(
+            "KD0000000000000000000000000000000f",
+            "active",
+        ))
+        .into_bytes(),
+    };
+    assert_eq!(unsigned.send(daemon.ingress).status, 200);
+    let text = get(daemon.admin, "/metrics").text();
+    assert!(
+        text.contains("signature_verification=\"disabled\""),
+        "{text}"
+    );
+}

@@ -1,0 +1,381 @@
+//! Helpers for end-to-end tests: start the real `flexbridge` binary, talk raw HTTP/1.1 to it,
+//! sign requests as Twilio does, read its JSON logs and metrics.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use flexbridge_ingress::form::encode as form_encode;
+pub use flexbridge_ingress::signature::{body_sha256, sign, Algorithm};
+
+/// The `flexbridge` binary built alongside these tests (or `FLEXBRIDGE_BIN`).
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("FLEXBRIDGE_BIN") {
+        return PathBuf::from(path);
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/flexbridge
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().unwrap().parent().unwrap().join("flexbridge");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p flexbridge` (cargo test --workspace does)",
+        path.display()
+    );
+    path
+}
+
+/// Owned parameters from literals.
+pub fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A running daemon; killed when dropped.
+pub struct Daemon {
+    child: Child,
+    /// The webhook listener.
+    pub ingress: SocketAddr,
+    /// The admin listener.
+    pub admin: SocketAddr,
+    logs: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// Holds the config file (and anything else a test puts there).
+    pub dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `flexbridge run` with this TOML config (listen addresses are set to random ports
+    /// unless the config sets them) and waits until it listens.
+    pub fn start(config: &str) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra environment variables.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config.replace("{dir}", dir.path().to_str().unwrap());
+        let mut full = String::new();
+        if !config.contains("[ingress]") {
+            full.push_str("[ingress]\nlisten = \"127.0.0.1:0\"\n");
+        }
+        if !config.contains("[admin]") {
+            full.push_str("[admin]\nlisten = \"127.0.0.1:0\"\nhealth_interval = \"200ms\"\n");
+        }
+        full.push_str(&config);
+        let path = dir.path().join("flexbridge.toml");
+        std::fs::write(&path, full).unwrap();
+        let mut child = Command::new(binary())
+            .args([
+                "--log-format",
+                "json",
+                "--log-level",
+                "debug,hyper=info",
+                "run",
+                "--config",
+            ])
+            .arg(&path)
+            .env_remove("TWILIO_AUTH_TOKEN")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                sink.lock().unwrap().push(value);
+            }
+        });
+        let started = Instant::now();
+        loop {
+            let listening = logs
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l["message"] == "flexbridge is listening")
+                .cloned();
+            if let Some(line) = listening {
+                let ingress = line["ingress"].as_str().unwrap().parse().unwrap();
+                let admin = line["admin"].as_str().unwrap().parse().unwrap();
+                return Self {
+                    child,
+                    ingress,
+                    admin,
+                    logs,
+                    dir,
+                };
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "flexbridge exited with {status} before listening: {:#?}",
+                    logs.lock().unwrap()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "flexbridge did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The signed URL for a path on this daemon (public_url is not set, so Host is used).
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{path_and_query}", self.ingress)
+    }
+
+    /// Log lines so far.
+    pub fn logs(&self) -> Vec<serde_json::Value> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits up to 5 s for a log line matching `predicate`.
+    pub fn wait_for_log(
+        &self,
+        what: &str,
+        predicate: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let started = Instant::now();
+        loop {
+            if let Some(line) = self.logs().into_iter().find(&predicate) {
+                return line;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "no log line {what}; logs: {:#?}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The value of a metric sample, e.g. `flexbridge_http_requests_total{status="200"}`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let text = get(self.admin, "/metrics").text();
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix(sample)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(started.elapsed() < limit, "flexbridge did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
+    }
+}
+
+/// Sends raw bytes (a whole request with `Connection: close`) and reads the response.
+pub fn raw(addr: SocketAddr, request: &[u8]) -> Response {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    stream.write_all(request).unwrap();
+    read_response(&mut stream)
+}
+
+/// Reads one response from a stream (until the server closes).
+pub fn read_response(stream: &mut TcpStream) -> Response {
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes).unwrap();
+    let split = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(&bytes)));
+    let head = String::from_utf8_lossy(&bytes[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    Response {
+        status,
+        headers,
+        body: bytes[split + 4..].to_vec(),
+    }
+}
+
+/// A request to send: method, path, headers, body.
+pub struct Req {
+    pub method: &'static str,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Req {
+    /// The request as bytes, with Host, Content-Length and `Connection: close`.
+    pub fn bytes(&self, host: SocketAddr) -> Vec<u8> {
+        let mut out = format!(
+            "{} {} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n",
+            self.method, self.path
+        );
+        for (k, v) in &self.headers {
+            out.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if !self.body.is_empty() || self.method == "POST" {
+            out.push_str(&format!("Content-Length: {}\r\n", self.body.len()));
+        }
+        out.push_str("\r\n");
+        let mut bytes = out.into_bytes();
+        bytes.extend_from_slice(&self.body);
+        bytes
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn send(&self, addr: SocketAddr) -> Response {
+        raw(addr, &self.bytes(addr))
+    }
+}
+
+/// A form POST signed with an Auth Token for `daemon`'s URL.
+pub fn signed_form(daemon: &Daemon, path: &str, token: &str, params: &[(String, String)]) -> Req {
+    let signature = sign(Algorithm::HmacSha1, token, &daemon.url(path), params);
+    Req {
+        method: "POST",
+        path: path.to_owned(),
+        headers: vec![
+            (
+                "Content-Type".into(),
+                "application/x-www-form-urlencoded".into(),
+            ),
+            ("X-Twilio-Signature".into(), signature),
+        ],
+        body: form_encode(params).into_bytes(),
+    }
+}
+
+/// A GET with the parameters in the query, signed over the URL.
+pub fn signed_get(daemon: &Daemon, path: &str, token: &str, params: &[(String, String)]) -> Req {
+    let path = format!("{path}?{}", form_encode(params));
+    let signature = sign(Algorithm::HmacSha1, token, &daemon.url(&path), &[]);
+    Req {
+        method: "GET",
+        path,
+        headers: vec![("X-Twilio-Signature".into(), signature)],
+        body: Vec::new(),
+    }
+}
+
+/// A JSON POST with bodySHA256 in the query, signed over the URL.
+pub fn signed_json(daemon: &Daemon, path: &str, token: &str, body: &[u8]) -> Req {
+    let path = format!("{path}?bodySHA256={}", body_sha256(body));
+    let signature = sign(Algorithm::HmacSha1, token, &daemon.url(&path), &[]);
+    Req {
+        method: "POST",
+        path,
+        headers: vec![
+            ("Content-Type".into(), "application/json".into()),
+            ("X-Twilio-Signature".into(), signature),
+        ],
+        body: body.to_vec(),
+    }
+}
+
+/// GET on the admin or ingress listener.
+pub fn get(addr: SocketAddr, path: &str) -> Response {
+    Req {
+        method: "GET",
+        path: path.to_owned(),
+        headers: vec![],
+        body: vec![],
+    }
+    .send(addr)
+}
+
+/// Lines of a JSON-lines file (empty if missing).
+pub fn read_events(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A documented onChannelStatusUpdated webhook.
+pub fn status_updated(interaction: &str, status: &str) -> Vec<(String, String)> {
+    params(&[
+        ("EventType", "onChannelStatusUpdated"),
+        ("AccountSid", "AC00000000000000000000000000000000"),
+        ("InstanceSid", "GO00000000000000000000000000000000"),
+        ("InteractionSid", interaction),
+        ("ChannelSid", "UO00000000000000000000000000000000"),
+        ("MediaChannelSid", "CH00000000000000000000000000000000"),
+        ("ChannelStatus", status),
+        ("MediaChannelType", "sms"),
+    ])
+}
