@@ -7,7 +7,8 @@ use crate::signature::{Signed, Verifier, VerifyError};
 use bytes::Bytes;
 use flexbridge_core::metrics::Metrics;
 use flexbridge_core::{
-    normalize, Attestation, Delivery, DeliveryError, NormalizeError, Verified, WebhookRequest,
+    normalize, Attestation, Delivery, DeliveryError, EventKind, NormalizeError, Verified,
+    WebhookRequest,
 };
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -124,6 +125,7 @@ pub struct Ingress {
     delivery: Arc<Delivery>,
     metrics: Metrics,
     ok_counter: prometheus::IntCounter,
+    event_counters: [prometheus::IntCounter; EventKind::ALL.len()],
     retry_after: HeaderValue,
     request_prefix: String,
     request_counter: AtomicU64,
@@ -148,6 +150,8 @@ impl Ingress {
         let retry_after = HeaderValue::from(config.retry_after.as_secs().max(1));
         Ok(Self {
             ok_counter: metrics.http_requests.with_label_values(&["200"]),
+            event_counters: EventKind::ALL
+                .map(|kind| metrics.events.with_label_values(&[kind.short_name()])),
             verifier,
             account_sids: twilio.account_sids.iter().cloned().collect(),
             delivery,
@@ -225,7 +229,11 @@ impl Ingress {
             Ok(id) => {
                 self.ok_counter.inc();
                 tracing::debug!(parent: &span, event_id = %id, "event delivered");
-                json_response(StatusCode::OK, format!("{{\"id\":\"{id}\"}}"))
+                let mut body = String::with_capacity(id.len() + 10);
+                body.push_str("{\"id\":\"");
+                body.push_str(&id);
+                body.push_str("\"}");
+                json_response(StatusCode::OK, body)
             }
             Err(rejection) => self.reject(&rejection, &span),
         };
@@ -303,11 +311,11 @@ impl Ingress {
                 return Err(Rejection::AccountNotAllowed(account.to_owned()));
             }
         }
+        // The body is a slice of hyper's read buffer: release it before waiting for the sinks,
+        // or hyper must copy the buffer to read the next request.
+        drop(body);
         let event = normalize(verified)?;
-        self.metrics
-            .events
-            .with_label_values(&[event.kind().short_name()])
-            .inc();
+        self.event_counters[event.kind() as usize].inc();
         self.delivery.deliver(&event).await?;
         Ok(event.id().to_owned())
     }

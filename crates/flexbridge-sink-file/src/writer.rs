@@ -10,8 +10,6 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Largest group written and synced at once.
 const MAX_GROUP_BYTES: usize = 1 << 20;
-/// Events that may wait for the writer before publishers wait for room.
-const QUEUE: usize = 8192;
 
 pub(crate) enum Output {
     File(File),
@@ -44,21 +42,40 @@ struct Counters {
     syncs: AtomicU64,
 }
 
+/// Publishers of one committed group and its outcome.
+type Confirmation = (Vec<oneshot::Sender<Outcome>>, Outcome);
+
 /// Handle to a writer thread.
 pub(crate) struct GroupWriter {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::UnboundedSender<Job>,
     counters: Arc<Counters>,
 }
 
 impl GroupWriter {
     pub(crate) fn start(name: &str, output: Output, pretty: bool) -> io::Result<Self> {
-        let (jobs, queue) = mpsc::channel(QUEUE);
+        // Unbounded is bounded in practice: every publisher waits for its confirmation, so the
+        // queue never holds more than the requests in flight (and saves a semaphore per event).
+        let (jobs, queue) = mpsc::unbounded_channel();
         let counters = Arc::new(Counters::default());
         let thread_counters = Arc::clone(&counters);
         let sink = name.to_owned();
+        // Waking a task from a foreign thread costs a futex and often an IPI per task. The
+        // writer thread therefore hands each committed group to one task on the runtime, which
+        // wakes the group's publishers locally: one cross-thread wake per group.
+        let confirmer = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            let (confirm, mut confirmations) = mpsc::unbounded_channel::<Confirmation>();
+            runtime.spawn(async move {
+                while let Some((waiting, outcome)) = confirmations.recv().await {
+                    for done in waiting {
+                        let _ = done.send(outcome.clone());
+                    }
+                }
+            });
+            confirm
+        });
         std::thread::Builder::new()
             .name(format!("sink-{name}"))
-            .spawn(move || run(&sink, output, pretty, queue, &thread_counters))?;
+            .spawn(move || run(&sink, output, pretty, queue, &thread_counters, confirmer))?;
         Ok(Self { jobs, counters })
     }
 
@@ -82,7 +99,7 @@ impl GroupWriter {
         job: Job,
         confirmed: oneshot::Receiver<Outcome>,
     ) -> Result<(), SinkError> {
-        self.jobs.send(job).await.map_err(|_| {
+        self.jobs.send(job).map_err(|_| {
             SinkError::permanent("closed", "the sink is drained or its writer stopped")
         })?;
         match confirmed.await {
@@ -117,8 +134,9 @@ fn run(
     sink: &str,
     mut output: Output,
     pretty: bool,
-    mut queue: mpsc::Receiver<Job>,
+    mut queue: mpsc::UnboundedReceiver<Job>,
     counters: &Counters,
+    confirmer: Option<mpsc::UnboundedSender<Confirmation>>,
 ) {
     // Bytes known to be durable: a failed group is cut back to here so no torn line remains.
     let mut committed = match &output {
@@ -159,7 +177,17 @@ fn run(
             }
         }
         counters.syncs.fetch_add(1, Ordering::Relaxed);
-        for done in waiting.drain(..).chain(probes) {
+        waiting.extend(probes);
+        let group = std::mem::replace(&mut waiting, Vec::with_capacity(256));
+        let unsent = match &confirmer {
+            Some(confirmer) => confirmer
+                .send((group, outcome.clone()))
+                .err()
+                .map(|returned| returned.0 .0),
+            None => Some(group),
+        };
+        // Without a runtime (or once it is gone), confirm from this thread.
+        for done in unsent.into_iter().flatten() {
             let _ = done.send(outcome.clone());
         }
         if let Some(done) = drain {

@@ -3,7 +3,7 @@
 
 use crate::config::{AppConfig, SinkConfig};
 use crate::daemon;
-use crate::simulate::{build_request, Connection, Encoding, Signer, Target};
+use crate::simulate::{write_request, Connection, Encoding, Signer, Target};
 use crate::traffic::Traffic;
 use anyhow::{bail, Context as _};
 use flexbridge_core::Secret;
@@ -36,13 +36,21 @@ pub async fn run() -> anyhow::Result<()> {
     let mut refused = Vec::new();
     for params in &events {
         let idempotency = traffic.sid("idem-");
-        let request = build_request(&target, Encoding::Form, &signer, params, &idempotency)?;
-        let (status, body) = connection
-            .send(request)
-            .await
-            .context("sending a demo webhook")?;
-        if status != 200 {
-            refused.push(format!("{status} {}", String::from_utf8_lossy(&body)));
+        write_request(
+            connection.request_buffer(),
+            &target,
+            Encoding::Form,
+            &signer,
+            params,
+            &idempotency,
+        )?;
+        let answer = connection.send().await.context("sending a demo webhook")?;
+        if answer.status != 200 {
+            refused.push(format!(
+                "{} {}",
+                answer.status,
+                String::from_utf8_lossy(&answer.body)
+            ));
         }
     }
     running.shutdown().await?;

@@ -4,13 +4,9 @@
 
 use crate::traffic::{Params, Traffic};
 use anyhow::{bail, Context as _};
-use bytes::Bytes;
 use flexbridge_ingress::signature::{body_sha256, sign, Algorithm};
 use hdrhistogram::Histogram;
-use http::{header, HeaderValue, Method, Request, Uri};
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use http::Uri;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -95,22 +91,23 @@ impl Target {
 
 /// A webhook as it goes on the wire, and what its signature covers.
 struct Wire<'a> {
-    method: Method,
+    method: &'static str,
     path: String,
     signed_url: String,
     signed_params: &'a [(String, String)],
-    body: Bytes,
+    body: Vec<u8>,
     content_type: Option<&'static str>,
 }
 
-/// Builds one signed webhook request.
-pub fn build_request(
+/// Writes one signed webhook request (HTTP/1.1, keep-alive) into `out`.
+pub fn write_request(
+    out: &mut Vec<u8>,
     target: &Target,
     encoding: Encoding,
     signer: &Signer,
     params: &Params,
     idempotency_token: &str,
-) -> anyhow::Result<Request<Full<Bytes>>> {
+) -> anyhow::Result<()> {
     let sep = if target.path_and_query.contains('?') {
         '&'
     } else {
@@ -118,21 +115,21 @@ pub fn build_request(
     };
     let wire = match encoding {
         Encoding::Form => Wire {
-            method: Method::POST,
+            method: "POST",
             path: target.path_and_query.clone(),
             signed_url: target.url.clone(),
             signed_params: params,
-            body: Bytes::from(flexbridge_ingress::form::encode(params)),
+            body: flexbridge_ingress::form::encode(params).into_bytes(),
             content_type: Some("application/x-www-form-urlencoded"),
         },
         Encoding::Get => {
             let query = flexbridge_ingress::form::encode(params);
             Wire {
-                method: Method::GET,
+                method: "GET",
                 path: format!("{}{sep}{query}", target.path_and_query),
                 signed_url: format!("{}{sep}{query}", target.url),
                 signed_params: &[],
-                body: Bytes::new(),
+                body: Vec::new(),
                 content_type: None,
             }
         }
@@ -144,56 +141,71 @@ pub fn build_request(
             let body = serde_json::to_vec(&object)?;
             let hash = format!("bodySHA256={}", body_sha256(&body));
             Wire {
-                method: Method::POST,
+                method: "POST",
                 path: format!("{}{sep}{hash}", target.path_and_query),
                 signed_url: format!("{}{sep}{hash}", target.url),
                 signed_params: &[],
-                body: Bytes::from(body),
+                body,
                 content_type: Some("application/json"),
             }
         }
     };
-    let Wire {
-        method,
-        path,
-        signed_url,
-        signed_params,
-        body,
-        content_type,
-    } = wire;
-    let mut request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(header::HOST, target.authority.as_str())
-        .header(header::USER_AGENT, "TwilioProxy/1.1 (flexbridge simulate)")
-        .header("I-Twilio-Idempotency-Token", idempotency_token)
-        .body(Full::new(body))?;
-    let headers = request.headers_mut();
-    if let Some(content_type) = content_type {
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    use std::io::Write as _;
+    write!(
+        out,
+        "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: TwilioProxy/1.1 (flexbridge simulate)\r\nI-Twilio-Idempotency-Token: {idempotency_token}\r\n",
+        wire.method, wire.path, target.authority
+    )?;
+    if let Some(content_type) = wire.content_type {
+        write!(out, "Content-Type: {content_type}\r\n")?;
+    }
+    if wire.method == "POST" {
+        write!(out, "Content-Length: {}\r\n", wire.body.len())?;
     }
     match signer {
         Signer::None => {}
         Signer::AuthToken(token) => {
-            let signature = sign(Algorithm::HmacSha1, token, &signed_url, signed_params);
-            headers.insert("X-Twilio-Signature", HeaderValue::from_str(&signature)?);
+            let signature = sign(
+                Algorithm::HmacSha1,
+                token,
+                &wire.signed_url,
+                wire.signed_params,
+            );
+            write!(out, "X-Twilio-Signature: {signature}\r\n")?;
         }
         Signer::SharedKey(id, secret) => {
-            let signature = sign(Algorithm::HmacSha256, secret, &signed_url, signed_params);
-            headers.insert("X-Twilio-Signature", HeaderValue::from_str(&signature)?);
-            headers.insert(
-                "X-Twilio-Webhooks-Signature-Settings",
-                HeaderValue::from_str(&format!("key={id},algorithm=HMAC_SHA256"))?,
+            let signature = sign(
+                Algorithm::HmacSha256,
+                secret,
+                &wire.signed_url,
+                wire.signed_params,
             );
+            write!(
+                out,
+                "X-Twilio-Signature: {signature}\r\nX-Twilio-Webhooks-Signature-Settings: key={id},algorithm=HMAC_SHA256\r\n"
+            )?;
         }
     }
-    Ok(request)
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&wire.body);
+    Ok(())
 }
 
-/// One keep-alive connection.
+/// One keep-alive HTTP/1.1 connection, written to and read from directly: a load generator
+/// must cost far less per request than the server it measures.
 pub struct Connection {
     addr: String,
-    sender: Option<SendRequest<Full<Bytes>>>,
+    stream: Option<TcpStream>,
+    request: Vec<u8>,
+    response: Vec<u8>,
+}
+
+/// A response: status and body.
+pub struct Answer {
+    /// HTTP status.
+    pub status: u16,
+    /// The body (chunked encoding removed).
+    pub body: Vec<u8>,
 }
 
 impl Connection {
@@ -201,38 +213,115 @@ impl Connection {
     pub fn new(target: &Target) -> Self {
         Self {
             addr: target.connect_addr(),
-            sender: None,
+            stream: None,
+            request: Vec::with_capacity(2048),
+            response: Vec::with_capacity(4096),
         }
     }
 
-    /// Sends a request; returns the status and body. Reconnects when the server closed.
-    pub async fn send(&mut self, request: Request<Full<Bytes>>) -> anyhow::Result<(u16, Bytes)> {
-        let sender = match &mut self.sender {
-            Some(sender) if !sender.is_closed() => sender,
-            _ => {
+    /// The buffer to write the next request into (see [`write_request`]).
+    pub fn request_buffer(&mut self) -> &mut Vec<u8> {
+        self.request.clear();
+        &mut self.request
+    }
+
+    /// Sends the request in the buffer and reads the response. Reconnects when needed.
+    pub async fn send(&mut self) -> anyhow::Result<Answer> {
+        let result = self.exchange().await;
+        if result.as_ref().map_or(true, |(_, close)| *close) {
+            self.stream = None;
+        }
+        result.map(|(answer, _)| answer)
+    }
+
+    async fn exchange(&mut self) -> anyhow::Result<(Answer, bool)> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let stream = match &mut self.stream {
+            Some(stream) => stream,
+            None => {
                 let stream = TcpStream::connect(&self.addr)
                     .await
                     .with_context(|| format!("cannot connect to {}", self.addr))?;
                 let _ = stream.set_nodelay(true);
-                let (sender, connection) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-                tokio::spawn(connection);
-                self.sender.insert(sender)
+                self.response.clear();
+                self.stream.insert(stream)
             }
         };
-        sender.ready().await?;
-        let result = sender.send_request(request).await;
-        let response = match result {
-            Ok(response) => response,
-            Err(error) => {
-                self.sender = None;
-                return Err(error.into());
+        stream.write_all(&self.request).await?;
+        loop {
+            if let Some((answer, consumed, close)) = parse_response(&self.response)? {
+                self.response.drain(..consumed);
+                return Ok((answer, close));
             }
-        };
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await?.to_bytes();
-        Ok((status, body))
+            self.response.reserve(4096);
+            if stream.read_buf(&mut self.response).await? == 0 {
+                bail!("the server closed the connection");
+            }
+        }
     }
+}
+
+/// A whole response at the start of `buffer`: the answer, the bytes it took, and whether the
+/// server closes the connection. `None` while incomplete.
+fn parse_response(buffer: &[u8]) -> anyhow::Result<Option<(Answer, usize, bool)>> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut response = httparse::Response::new(&mut headers);
+    let head = match response.parse(buffer)? {
+        httparse::Status::Complete(head) => head,
+        httparse::Status::Partial => return Ok(None),
+    };
+    let status = response.code.unwrap_or(0);
+    let mut length = None;
+    let mut chunked = false;
+    let mut close = false;
+    for header in response.headers.iter() {
+        let value = std::str::from_utf8(header.value).unwrap_or("").trim();
+        if header.name.eq_ignore_ascii_case("content-length") {
+            length = Some(value.parse::<usize>().context("bad Content-Length")?);
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = value.eq_ignore_ascii_case("chunked");
+        } else if header.name.eq_ignore_ascii_case("connection") {
+            close = value.eq_ignore_ascii_case("close");
+        }
+    }
+    let rest = &buffer[head..];
+    if chunked {
+        let mut body = Vec::new();
+        let mut at = 0;
+        loop {
+            let Some(line_end) = rest[at..].windows(2).position(|w| w == b"\r\n") else {
+                return Ok(None);
+            };
+            let size_text = std::str::from_utf8(&rest[at..at + line_end])?;
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                .context("bad chunk size")?;
+            at += line_end + 2;
+            if size == 0 {
+                // Trailers, if any, end with an empty line.
+                let Some(end) = rest[at..].windows(2).position(|w| w == b"\r\n") else {
+                    return Ok(None);
+                };
+                if end == 0 {
+                    return Ok(Some((Answer { status, body }, head + at + 2, close)));
+                }
+                let Some(end) = rest[at..].windows(4).position(|w| w == b"\r\n\r\n") else {
+                    return Ok(None);
+                };
+                return Ok(Some((Answer { status, body }, head + at + end + 4, close)));
+            }
+            if rest.len() < at + size + 2 {
+                return Ok(None);
+            }
+            body.extend_from_slice(&rest[at..at + size]);
+            at += size + 2;
+        }
+    }
+    let length = length.unwrap_or(0);
+    if rest.len() < length {
+        return Ok(None);
+    }
+    let body = rest[..length].to_vec();
+    Ok(Some((Answer { status, body }, head + length, close)))
 }
 
 /// What to send.
@@ -378,10 +467,17 @@ pub async fn run(options: Options) -> anyhow::Result<Summary> {
                     }
                 };
                 let token = traffic.sid("idem-");
-                let request = build_request(&target, encoding, &signer, &params, &token)?;
+                write_request(
+                    connection.request_buffer(),
+                    &target,
+                    encoding,
+                    &signer,
+                    &params,
+                    &token,
+                )?;
                 let sent = Instant::now();
-                let label = match connection.send(request).await {
-                    Ok((status, _)) => status.to_string(),
+                let label = match connection.send().await {
+                    Ok(answer) => answer.status.to_string(),
                     Err(error) => {
                         tracing::debug!(%error, "request failed");
                         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -432,6 +528,32 @@ pub async fn run(options: Options) -> anyhow::Result<Summary> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn responses_parse_with_length_chunks_and_close() {
+        let (a, used, close) =
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}next")
+                .unwrap()
+                .unwrap();
+        assert_eq!(
+            (a.status, a.body.as_slice(), used, close),
+            (200, &b"{}"[..], 40, false)
+        );
+        let chunked = b"HTTP/1.1 503 X\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        let (a, used, close) = parse_response(chunked).unwrap().unwrap();
+        assert_eq!(
+            (a.status, a.body.as_slice(), used, close),
+            (503, &b"abcde"[..], chunked.len(), true)
+        );
+        assert!(
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
+                .unwrap()
+                .is_none()
+        );
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nConte")
+            .unwrap()
+            .is_none());
+    }
 
     #[test]
     fn targets_parse() {

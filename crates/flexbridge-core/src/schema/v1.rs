@@ -198,11 +198,59 @@ pub fn normalize(request: Verified<WebhookRequest>) -> Result<Event, NormalizeEr
     Ok(Event::new(id, received_at, data))
 }
 
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` in UTC, written directly (this runs for every event).
+fn rfc3339_millis(time: SystemTime) -> String {
+    let since_epoch = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since_epoch.as_secs();
+    let millis = since_epoch.subsec_millis();
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    /// Appends `value` as exactly `width` decimal digits.
+    fn digits(out: &mut String, value: u64, width: u32) {
+        for power in (0..width).rev() {
+            let digit = (value / 10u64.pow(power) % 10) as u8;
+            out.push(char::from(b'0' + digit));
+        }
+    }
+    let mut out = String::with_capacity(24);
+    digits(&mut out, year.clamp(0, 9999) as u64, 4);
+    out.push('-');
+    digits(&mut out, month as u64, 2);
+    out.push('-');
+    digits(&mut out, day as u64, 2);
+    out.push('T');
+    digits(&mut out, rem / 3600, 2);
+    out.push(':');
+    digits(&mut out, rem / 60 % 60, 2);
+    out.push(':');
+    digits(&mut out, rem % 60, 2);
+    out.push('.');
+    digits(&mut out, u64::from(millis), 3);
+    out.push('Z');
+    out
+}
+
 impl Event {
     /// Assembles an event and encodes its envelope.
     pub fn new(id: String, received_at: SystemTime, data: InteractionEvent) -> Self {
-        let source = format!("/twilio/accounts/{}/flex/interactions", data.account_sid());
-        let time = humantime::format_rfc3339_millis(received_at).to_string();
+        let account = data.account_sid();
+        let mut source = String::with_capacity(account.len() + 40);
+        source.push_str("/twilio/accounts/");
+        source.push_str(account);
+        source.push_str("/flex/interactions");
+        let time = rfc3339_millis(received_at);
         let mut event = Self {
             id,
             source,
@@ -216,6 +264,7 @@ impl Event {
     }
 
     fn encode_envelope(&self) -> Vec<u8> {
+        debug_assert!(self.time.len() == 24);
         let envelope = Envelope {
             specversion: SPEC_VERSION,
             id: &self.id,
@@ -309,5 +358,30 @@ impl Event {
     /// `ce_*`, `ce-*` or `cloudEvents_*` headers.
     pub fn extensions(&self) -> [(&'static str, &str); 1] {
         [("partitionkey", self.partition_key())]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rfc3339_matches_humantime() {
+        for secs in [
+            0u64,
+            951_782_400,
+            1_796_000_000,
+            4_102_444_799,
+            253_402_300_799,
+        ] {
+            for millis in [0u64, 7, 999] {
+                let t = SystemTime::UNIX_EPOCH + Duration::from_millis(secs * 1000 + millis);
+                assert_eq!(
+                    rfc3339_millis(t),
+                    humantime::format_rfc3339_millis(t).to_string()
+                );
+            }
+        }
     }
 }
