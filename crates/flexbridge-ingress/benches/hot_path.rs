@@ -1,6 +1,7 @@
 //! The per-event hot path without the network: decode the form body, verify the signature,
 //! normalize, encode the envelope; and the whole request handler with a sink that confirms at
 //! once. Prints allocations per event first (counted by an instrumented global allocator).
+#![allow(clippy::expect_used)] // benchmark set-up: a failure should stop it loudly
 
 use async_trait::async_trait;
 use bytes::Bytes;
