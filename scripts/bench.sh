@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Load test of the release binary on this machine: the daemon with the file sink, driven by
-# `flexbridge simulate` over $CONCURRENCY connections. Reports, from one run: requests per
-# second at full load, latency at full and at half load, flexbridge's own CPU time per event
-# (from /proc, user + system) and its peak RSS, each next to the same figure for a bare hyper
-# server (crates/flexbridge-ingress/examples/bare_hyper.rs) under the same load generator,
-# because absolute figures on a shared 2-core machine are noisy and ratios are not.
-#   DURATION=10s CONCURRENCY=64 scripts/bench.sh
+# Load test of the release binary on this machine, driven by `flexbridge simulate` over
+# $CONCURRENCY connections (load generator, broker and daemon share the machine). In one run it
+# measures a bare hyper server (crates/flexbridge-ingress/examples/bare_hyper.rs) as the
+# reference, then flexbridge with each sink in $SINKS, and reports for each: requests per
+# second at full load, latency at full and at half load, flexbridge's own CPU time per
+# confirmed event (user + system, from /proc) and its peak RSS. Absolute figures on a shared
+# 2-core machine are noisy; the ratios to the reference in the same run are not.
+#   DURATION=10s CONCURRENCY=64 SINKS="file nats" scripts/bench.sh
+# Sinks: file, nats (JetStream on $NATS_URL, a bounded in-memory stream).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 CONCURRENCY=${CONCURRENCY:-64}
+SINKS=${SINKS:-${SINK:-file}}
+NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
 TARGET=${CARGO_TARGET_DIR:-target}
 
 cargo build --release --locked -p flexbridge >&2
@@ -21,66 +25,70 @@ pid=
 cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 
-read -r PORT ADMIN BARE_PORT < <(python3 -c 'import socket
-s=[socket.socket() for _ in range(3)]
-[x.bind(("127.0.0.1",0)) for x in s]
-print(*[x.getsockname()[1] for x in s])')
-
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
 simulate_to() { local port=$1; shift; "$BIN" --log-level error simulate --url "http://127.0.0.1:$port/flex/interactions" \
   --auth-token bench-token --concurrency "$CONCURRENCY" --no-progress --json-summary "$@"; }
+field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
 
 # The reference: bare hyper under the same load.
-"$BARE" "127.0.0.1:$BARE_PORT" &
+port=$(free_port)
+"$BARE" "127.0.0.1:$port" &
 pid=$!
-for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$BARE_PORT") 2>/dev/null && break; sleep 0.1; done
-simulate_to "$BARE_PORT" --duration 2s >/dev/null || true
-bare_before=$(ticks)
-bare=$(simulate_to "$BARE_PORT" --duration "$DURATION")
-bare_after=$(ticks)
-kill "$pid"; wait "$pid" 2>/dev/null || true
-cat > "$work/flexbridge.toml" <<TOML
+wait_port "$port"
+simulate_to "$port" --duration 2s >/dev/null || true
+before=$(ticks)
+bare=$(simulate_to "$port" --duration "$DURATION")
+bare_cpu=$(( $(ticks) - before ))
+kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+results=()
+
+for sink in $SINKS; do
+  port=$(free_port); admin=$(free_port)
+  config="$work/$sink.toml"
+  cat > "$config" <<TOML
 [ingress]
-listen = "127.0.0.1:$PORT"
-public_url = "http://127.0.0.1:$PORT"
+listen = "127.0.0.1:$port"
+public_url = "http://127.0.0.1:$port"
 [admin]
-listen = "127.0.0.1:$ADMIN"
+listen = "127.0.0.1:$admin"
 [twilio]
 auth_tokens = ["bench-token"]
-[[sinks]]
-name = "file"
-type = "file"
-path = "$work/events.jsonl"
 TOML
-"$BIN" --log-level warn run --config "$work/flexbridge.toml" &
-pid=$!
-for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
+  case "$sink" in
+    file) printf '[[sinks]]\nname = "file"\ntype = "file"\npath = "%s/events.jsonl"\n' "$work" >> "$config" ;;
+    nats) printf '[[sinks]]\nname = "nats"\ntype = "nats"\nurl = "%s"\nsubject = "flexbridge.bench.{account}.{event}"\n[sinks.stream]\nname = "FLEXBRIDGE_BENCH"\nstorage = "memory"\nmax_messages = 200000\n' "$NATS_URL" >> "$config" ;;
+    *) echo "unknown sink $sink (file, nats)" >&2; exit 64 ;;
+  esac
+  "$BIN" --log-level warn run --config "$config" &
+  pid=$!
+  wait_port "$port"
+  confirmed() { curl -s "http://127.0.0.1:$admin/metrics" | awk '/^flexbridge_sink_publish_duration_seconds_count.*outcome="success"/ {print $2}'; }
+  simulate_to "$port" --duration 2s >/dev/null # warm-up
+  events_before=$(confirmed); before=$(ticks)
+  full=$(simulate_to "$port" --duration "$DURATION")
+  cpu=$(( $(ticks) - before )); events=$(( $(confirmed) - events_before ))
+  half=$(simulate_to "$port" --duration "$DURATION" --rate "$(python3 -c "print(round($(field "$full" rate)/2))")")
+  rss=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+  results+=("$sink|$full|$half|$cpu|$events|$rss")
+done
 
-simulate() { simulate_to "$PORT" "$@"; }
-
-simulate --duration 2s >/dev/null # warm-up
-lines_before=$(wc -l < "$work/events.jsonl")
-cpu_before=$(ticks)
-full=$(simulate --duration "$DURATION")
-cpu_after=$(ticks)
-lines_after=$(wc -l < "$work/events.jsonl")
-rate=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['rate'])" "$full")
-half=$(simulate --duration "$DURATION" --rate "$(python3 -c "print(round($rate/2))")")
-rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
-
-python3 - "$full" "$half" "$cpu_before" "$cpu_after" "$lines_before" "$lines_after" "$rss_kib" "$(getconf CLK_TCK)" "$CONCURRENCY" "$bare" "$bare_before" "$bare_after" <<'PY'
+python3 - "$bare" "$bare_cpu" "$(getconf CLK_TCK)" "$CONCURRENCY" "${results[@]}" <<'PY'
 import json, sys
-full, half, bare = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[10])
-cpu0, cpu1, l0, l1, rss, tck, conc = (float(x) for x in sys.argv[3:10])
-b0, b1 = float(sys.argv[11]), float(sys.argv[12])
-events = l1 - l0
-cpu_us = (cpu1 - cpu0) / tck / events * 1e6 if events else float("nan")
-bare_us = (b1 - b0) / tck / bare["sent"] * 1e6
-print(f"file sink, {int(conc)} connections, load generator on the same machine")
-print(f"  bare hyper reference: {bare['rate']:.0f} req/s, {bare_us:.1f} us CPU per request, p99 {bare['latency_ms']['p99']:.2f} ms")
-print(f"  full load: {full['rate']:.0f} req/s ({full['rate']/bare['rate']:.2f}x bare)  status {full['status']}  p50 {full['latency_ms']['p50']:.2f} ms  p99 {full['latency_ms']['p99']:.2f} ms")
-print(f"  half load: {half['rate']:.0f} req/s  status {half['status']}  p50 {half['latency_ms']['p50']:.2f} ms  p99 {half['latency_ms']['p99']:.2f} ms")
-print(f"  flexbridge CPU per event at full load: {cpu_us:.1f} us user+system ({cpu_us/bare_us:.2f}x bare hyper's per request)")
-print(f"  flexbridge peak RSS: {rss/1024:.1f} MiB")
-print(f"  events written during the full-load run: {int(events)} (acknowledged: {full['status'].get('200', 0)})")
+bare, bare_cpu, tck, conc = json.loads(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+bare_us = bare_cpu / tck / bare["sent"] * 1e6
+lat = lambda r: f"p50 {r['latency_ms']['p50']:.2f} ms  p99 {r['latency_ms']['p99']:.2f} ms"
+print(f"{conc} connections; load generator, brokers and daemon on this machine")
+print(f"bare hyper reference: {bare['rate']:.0f} req/s, {bare_us:.1f} us CPU per request, {lat(bare)}")
+for row in sys.argv[5:]:
+    sink, full, half, cpu, events, rss = row.split("|")
+    full, half, cpu, events, rss = json.loads(full), json.loads(half), float(cpu), float(events), float(rss)
+    cpu_us = cpu / tck / events * 1e6 if events else float("nan")
+    print(f"{sink} sink:")
+    print(f"  full load: {full['rate']:.0f} req/s ({full['rate']/bare['rate']:.2f}x bare)  {lat(full)}  status {full['status']}")
+    print(f"  half load: {half['rate']:.0f} req/s  {lat(half)}  status {half['status']}")
+    print(f"  CPU per confirmed event: {cpu_us:.1f} us ({cpu_us/bare_us:.2f}x bare per request)  peak RSS {rss/1024:.1f} MiB")
+    print(f"  confirmed by the sink during the full-load run: {int(events)}, acknowledged: {full['status'].get('200', 0)}")
 PY

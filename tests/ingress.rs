@@ -315,6 +315,40 @@ fn a_connection_that_does_not_send_its_headers_is_closed() {
 }
 
 #[test]
+fn a_body_that_does_not_arrive_gets_408_and_nothing_is_written() {
+    let daemon = Daemon::start(&file_sink_config(
+        "[ingress]\nlisten = \"127.0.0.1:0\"\nbody_read_timeout = \"1s\"\n",
+    ));
+    let request = signed_form(
+        &daemon,
+        PATH,
+        TOKEN,
+        &status_updated("KD00000000000000000000000000000011", "active"),
+    )
+    .bytes(daemon.ingress);
+    let mut stream = TcpStream::connect(daemon.ingress).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(&request[..request.len() - 10]).unwrap();
+    let response = read_response(&mut stream);
+    assert_eq!(response.status, 408, "{}", response.text());
+    assert_eq!(response.json()["error"], "body_timeout");
+    // The log line carries the request's id, as every line of a request does.
+    let line = daemon.wait_for_log("for the timeout", |l| l["reason"] == "body_timeout");
+    assert_eq!(
+        line["span"]["request_id"].as_str(),
+        response.header("x-request-id"),
+        "{line}"
+    );
+    assert_eq!(
+        daemon.metric("flexbridge_http_rejections_total{reason=\"body_timeout\"}"),
+        1.0
+    );
+    assert!(read_events(&daemon.dir.path().join("events.jsonl")).is_empty());
+}
+
+#[test]
 fn a_sink_that_cannot_write_gives_503_with_retry_after_and_nothing_acknowledged() {
     // /dev/full fails every write with ENOSPC: a real I/O fault, no mock.
     let config = format!(

@@ -35,6 +35,11 @@ pub struct Metrics {
     pub sink_retries: IntCounterVec,
     /// `flexbridge_sink_up{sink}`: 1 when the last health check passed.
     pub sink_up: IntGaugeVec,
+    /// `flexbridge_sink_duplicates_total{sink}`: publishes the broker reported as duplicates
+    /// of an event it already had (JetStream dedup on the event id).
+    pub sink_duplicates: IntCounterVec,
+    /// `flexbridge_sink_reconnections_total{sink}`: connections to the broker re-established.
+    pub sink_reconnections: IntCounterVec,
     /// `flexbridge_info{version,signature_verification}`: always 1; the labels say how this
     /// process runs (`signature_verification` is `enabled` or `disabled`).
     pub info: IntGaugeVec,
@@ -93,6 +98,20 @@ impl Metrics {
                 Opts::new("flexbridge_sink_up", "1 when the sink's last health check passed."),
                 &["sink"],
             )?,
+            sink_duplicates: IntCounterVec::new(
+                Opts::new(
+                    "flexbridge_sink_duplicates_total",
+                    "Publishes the broker reported as duplicates of an event it already had.",
+                ),
+                &["sink"],
+            )?,
+            sink_reconnections: IntCounterVec::new(
+                Opts::new(
+                    "flexbridge_sink_reconnections_total",
+                    "Connections to the broker re-established after a loss.",
+                ),
+                &["sink"],
+            )?,
             info: IntGaugeVec::new(
                 Opts::new("flexbridge_info", "Constant 1; labels describe this process."),
                 &["version", "signature_verification"],
@@ -107,6 +126,8 @@ impl Metrics {
         registry.register(Box::new(m.sink_failures.clone()))?;
         registry.register(Box::new(m.sink_retries.clone()))?;
         registry.register(Box::new(m.sink_up.clone()))?;
+        registry.register(Box::new(m.sink_duplicates.clone()))?;
+        registry.register(Box::new(m.sink_reconnections.clone()))?;
         registry.register(Box::new(m.info.clone()))?;
         Ok(m)
     }
@@ -122,6 +143,8 @@ impl Metrics {
                 .with_label_values(&[sink, "failure"]),
             retries: self.sink_retries.with_label_values(&[sink]),
             up: self.sink_up.with_label_values(&[sink]),
+            duplicates: self.sink_duplicates.with_label_values(&[sink]),
+            reconnections: self.sink_reconnections.with_label_values(&[sink]),
             failures: self.sink_failures.clone(),
             sink: sink.to_owned(),
         }
@@ -139,6 +162,10 @@ pub struct SinkMetrics {
     pub retries: IntCounter,
     /// Health gauge.
     pub up: IntGauge,
+    /// Broker-reported duplicates.
+    pub duplicates: IntCounter,
+    /// Reconnections.
+    pub reconnections: IntCounter,
     failures: IntCounterVec,
     sink: String,
 }

@@ -9,7 +9,9 @@
 //! - `{channel_type}`: the media channel type, e.g. `sms`
 //!
 //! `{{` and `}}` are literal braces. Each sink passes a sanitizer that makes a value safe for
-//! its broker (e.g. NATS subject tokens).
+//! its broker (e.g. NATS subject tokens). `{event}` is flexbridge's own vocabulary
+//! (lower-case words, `_` and one `.`) and is never sanitized, so `channel.status_updated`
+//! stays two tokens of a NATS subject or a RabbitMQ routing key.
 
 use crate::schema::v1::Event;
 use std::fmt;
@@ -170,9 +172,24 @@ impl Template {
         for part in &self.parts {
             match part {
                 Part::Literal(text) => out.push_str(text),
+                Part::Value(Placeholder::Event) => out.push_str(event.kind().short_name()),
                 Part::Value(placeholder) => {
                     sanitize(placeholder.value(event).unwrap_or("none"), &mut out)
                 }
+            }
+        }
+        out
+    }
+
+    /// The template with every placeholder but `{event}` rendered by `wildcard`, and `{event}`
+    /// as `event_name`: how a sink derives the subjects or keys it will publish to.
+    pub fn pattern(&self, event_name: &str, wildcard: &str) -> String {
+        let mut out = String::with_capacity(self.source.len());
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => out.push_str(text),
+                Part::Value(Placeholder::Event) => out.push_str(event_name),
+                Part::Value(_) => out.push_str(wildcard),
             }
         }
         out

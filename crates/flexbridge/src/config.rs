@@ -5,6 +5,7 @@
 use flexbridge_core::{DeliveryConfig, Secret};
 use flexbridge_ingress::{IngressConfig, TwilioConfig};
 use flexbridge_sink_file::{FileSinkConfig, StdoutSinkConfig};
+use flexbridge_sink_nats::NatsSinkConfig;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -65,6 +66,8 @@ pub enum SinkConfig {
     File(FileSinkConfig),
     /// `type = "stdout"`
     Stdout(StdoutSinkConfig),
+    /// `type = "nats"`
+    Nats(Box<NatsSinkConfig>),
 }
 
 impl SinkConfig {
@@ -73,6 +76,7 @@ impl SinkConfig {
         match self {
             Self::File(c) => &c.name,
             Self::Stdout(c) => &c.name,
+            Self::Nats(c) => &c.name,
         }
     }
 }
@@ -278,10 +282,12 @@ pub fn validate(config: &AppConfig) -> Vec<String> {
         if !names.insert(name) {
             errors.push(format!("sinks[{i}].name: {name:?} is used twice"));
         }
-        if let SinkConfig::File(file) = sink {
-            if file.path.as_os_str().is_empty() {
+        match sink {
+            SinkConfig::File(file) if file.path.as_os_str().is_empty() => {
                 errors.push(format!("sinks[{i}].path: must not be empty"));
             }
+            SinkConfig::Nats(nats) => errors.extend(nats.validate()),
+            _ => {}
         }
     }
     errors
@@ -333,11 +339,45 @@ mod tests {
             "delivery: max_attempts",
             "unknown section `extra_section`",
             "sinks[0]: missing field `path`",
-            "sinks[1]: unknown variant `kafkaa`",
+            "sinks[1]: unknown variant `kafkaa`, expected one of `file`, `stdout`, `nats`",
             "\"c\" is used twice",
         ] {
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn nats_sinks_are_validated_and_their_secrets_redacted() {
+        let errors = from_value(
+            json!({"sinks": [{"type": "nats", "name": "n", "url": "nats://a:4222", "subject": "x.{nope}",
+                              "token": "t", "nkey_seed": "s", "stream": {"name": "bad name"}}]}),
+            Some("tok"),
+        )
+        .unwrap_err()
+        .0
+        .join("\n");
+        for expected in [
+            "unknown placeholder {nope}",
+            "use one of",
+            "not a valid stream name",
+        ] {
+            assert!(
+                errors.contains(expected),
+                "missing {expected:?} in {errors}"
+            );
+        }
+        let config = from_value(
+            json!({"sinks": [{"type": "nats", "name": "n", "url": ["nats://user:pw@a:4222", "nats://b:4222"],
+                              "token": "tok-secret"}]}),
+            Some("tok"),
+        )
+        .unwrap();
+        let text = to_redacted_toml(&config);
+        assert!(
+            !text.contains("pw@") && !text.contains("tok-secret"),
+            "{text}"
+        );
+        assert!(text.contains("nats://b:4222"));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use flexbridge_core::metrics::Metrics;
 use flexbridge_core::{Delivery, Sink};
 use flexbridge_ingress::Ingress;
 use flexbridge_sink_file::{FileSink, StdoutSink};
+use flexbridge_sink_nats::NatsSink;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -19,21 +20,24 @@ pub struct Running {
     task: JoinHandle<anyhow::Result<()>>,
 }
 
-/// Opens every configured sink.
-pub fn open_sinks(configs: &[SinkConfig]) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
-    configs
-        .iter()
-        .map(|config| -> anyhow::Result<Arc<dyn Sink>> {
-            Ok(match config {
-                SinkConfig::File(c) => {
-                    Arc::new(FileSink::open(c).with_context(|| format!("sink {}", c.name))?)
-                }
-                SinkConfig::Stdout(c) => {
-                    Arc::new(StdoutSink::open(c).with_context(|| format!("sink {}", c.name))?)
-                }
-            })
-        })
-        .collect()
+/// Opens every configured sink. A broker that is down is not an error here: its sink keeps
+/// reconnecting and reports unhealthy until it is back.
+pub async fn open_sinks(
+    configs: &[SinkConfig],
+    metrics: &Metrics,
+) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
+    let mut sinks: Vec<Arc<dyn Sink>> = Vec::with_capacity(configs.len());
+    for config in configs {
+        let context = || format!("sink {}", config.name());
+        sinks.push(match config {
+            SinkConfig::File(c) => Arc::new(FileSink::open(c).with_context(context)?),
+            SinkConfig::Stdout(c) => Arc::new(StdoutSink::open(c).with_context(context)?),
+            SinkConfig::Nats(c) => {
+                Arc::new(NatsSink::connect(c, metrics).await.with_context(context)?)
+            }
+        });
+    }
+    Ok(sinks)
 }
 
 /// Binds the configured addresses and starts.
@@ -72,7 +76,7 @@ pub async fn start_on(
         .delivery
         .policy()
         .map_err(|e| anyhow::anyhow!("delivery settings: {e:?}"))?;
-    let sinks = open_sinks(&config.sinks)?;
+    let sinks = open_sinks(&config.sinks, &metrics).await?;
     let delivery = Arc::new(Delivery::new(
         sinks,
         policy,

@@ -37,6 +37,17 @@ pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json; charset
 /// Why a verified request is not an event.
 pub type NormalizeError = ModelError;
 
+/// How a broker sink carries an event (CloudEvents content modes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentMode {
+    /// Attributes as protocol headers, `data` as the body.
+    #[default]
+    Binary,
+    /// The whole envelope as the body (`application/cloudevents+json`).
+    Structured,
+}
+
 /// The CloudEvent `type` of a kind.
 pub fn event_type(kind: EventKind) -> &'static str {
     match kind {
@@ -354,10 +365,23 @@ impl Event {
             })
     }
 
-    /// CloudEvents extension attributes as (name, value); binding code turns them into
-    /// `ce_*`, `ce-*` or `cloudEvents_*` headers.
-    pub fn extensions(&self) -> [(&'static str, &str); 1] {
-        [("partitionkey", self.partition_key())]
+    /// Every context attribute but `data`, extensions included, as (name, value) in
+    /// CloudEvents order; protocol bindings turn them into `ce_*`, `ce-*` or `cloudEvents_*`
+    /// headers. `subject` is left out when the event has none.
+    pub fn attributes(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            ("specversion", Some(SPEC_VERSION)),
+            ("id", Some(self.id())),
+            ("source", Some(self.source())),
+            ("type", Some(self.event_type())),
+            ("subject", self.subject()),
+            ("time", Some(self.time())),
+            ("datacontenttype", Some(DATA_CONTENT_TYPE)),
+            ("dataschema", Some(self.data_schema())),
+            ("partitionkey", Some(self.partition_key())),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.map(|value| (name, value)))
     }
 }
 

@@ -1,0 +1,418 @@
+//! The `nats` sink: JetStream publish that returns only on the PubAck, with `Nats-Msg-Id` set
+//! to the event id so the stream drops Twilio's retries and double deliveries within its
+//! duplicate window; CloudEvents NATS binding in binary (default) or structured mode.
+//!
+//! Publishes are never serialized: every request awaits its own PubAck while others are in
+//! flight on the same connection.
+
+mod config;
+
+pub use config::{NatsSinkConfig, NatsTls, Retention, Storage, StreamConfig};
+
+use async_nats::connection::State;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::HeaderMap;
+use async_trait::async_trait;
+use flexbridge_core::metrics::{Metrics, SinkMetrics};
+use flexbridge_core::route::Template;
+use flexbridge_core::schema::v1::STRUCTURED_CONTENT_TYPE;
+use flexbridge_core::secret::redact_url;
+use flexbridge_core::{ContentMode, Event, EventKind, Sink, SinkError};
+use percent_encoding::{AsciiSet, CONTROLS};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Errors connecting the sink.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsSinkError {
+    /// The configuration is invalid.
+    #[error("invalid nats sink configuration: {}", .0.join("; "))]
+    Config(Vec<String>),
+    /// The credentials file could not be read.
+    #[error("cannot read the NATS credentials file")]
+    Credentials(#[source] std::io::Error),
+    /// Connecting failed for a reason retrying will not fix.
+    #[error("cannot connect to NATS at {servers}")]
+    Connect {
+        /// The servers, credentials redacted.
+        servers: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+}
+
+/// Publishes to NATS (JetStream unless configured otherwise).
+pub struct NatsSink {
+    name: String,
+    client: async_nats::Client,
+    jetstream: Option<jetstream::Context>,
+    subject: Template,
+    content_mode: ContentMode,
+    /// One wildcard subject per event kind, to check that a stream captures it.
+    check_subjects: Vec<String>,
+    stream: Option<StreamConfig>,
+    provisioned: AtomicBool,
+    metrics: SinkMetrics,
+}
+
+/// Characters the CloudEvents NATS binding percent-encodes in header values: space, `"`, `%`
+/// and everything outside printable ASCII (non-ASCII bytes are always encoded).
+const HEADER_VALUE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
+
+/// The binding's header for a context attribute: `ce-` + the attribute name (static for every
+/// attribute v1 emits, so the hot path does not format names).
+fn header_name(attribute: &'static str) -> std::borrow::Cow<'static, str> {
+    std::borrow::Cow::Borrowed(match attribute {
+        "specversion" => "ce-specversion",
+        "id" => "ce-id",
+        "source" => "ce-source",
+        "type" => "ce-type",
+        "subject" => "ce-subject",
+        "time" => "ce-time",
+        "datacontenttype" => "ce-datacontenttype",
+        "dataschema" => "ce-dataschema",
+        "partitionkey" => "ce-partitionkey",
+        other => return std::borrow::Cow::Owned(format!("ce-{other}")),
+    })
+}
+
+/// Makes a value one safe subject token: `.`, `*`, `>`, white space, control and non-ASCII
+/// characters become `_`.
+pub fn subject_token(value: &str, out: &mut String) {
+    out.extend(value.chars().map(|c| {
+        if c.is_ascii_graphic() && !matches!(c, '.' | '*' | '>') {
+            c
+        } else {
+            '_'
+        }
+    }));
+}
+
+/// The subject pattern events of `kind` go to: placeholders other than `{event}` become `*`,
+/// and a token that mixes a placeholder with text becomes `*` as a whole.
+pub fn wildcard_subject(template: &Template, kind: EventKind) -> String {
+    template
+        .pattern(kind.short_name(), "*")
+        .split('.')
+        .map(|token| if token.contains('*') { "*" } else { token })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+impl NatsSink {
+    /// Connects. An unreachable server is not an error: the client keeps retrying in the
+    /// background and the health check reports it until it connects.
+    pub async fn connect(
+        config: &NatsSinkConfig,
+        metrics: &Metrics,
+    ) -> Result<Self, NatsSinkError> {
+        let errors = config.validate();
+        if !errors.is_empty() {
+            return Err(NatsSinkError::Config(errors));
+        }
+        let subject = Template::parse(&config.subject)
+            .map_err(|e| NatsSinkError::Config(vec![e.to_string()]))?;
+        let sink_metrics = metrics.for_sink(&config.name);
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("flexbridge {}", config.name))
+            .connection_timeout(config.connect_timeout)
+            .retry_on_initial_connect();
+        if let (Some(user), Some(password)) = (&config.user, &config.password) {
+            options = options.user_and_password(user.clone(), password.expose().to_owned());
+        }
+        if let Some(token) = &config.token {
+            options = options.token(token.expose().to_owned());
+        }
+        if let Some(seed) = &config.nkey_seed {
+            options = options.nkey(seed.expose().to_owned());
+        }
+        if let Some(path) = &config.credentials_file {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(NatsSinkError::Credentials)?;
+        }
+        if config.tls.required {
+            options = options.require_tls(true);
+        }
+        if let Some(ca) = &config.tls.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        let name = config.name.clone();
+        let reconnections = sink_metrics.reconnections.clone();
+        let was_connected = std::sync::Arc::new(AtomicBool::new(false));
+        options = options.event_callback(move |event| {
+            let name = name.clone();
+            let reconnections = reconnections.clone();
+            let was_connected = std::sync::Arc::clone(&was_connected);
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        if was_connected.swap(true, Ordering::SeqCst) {
+                            reconnections.inc();
+                        }
+                        tracing::info!(sink = %name, "connected to NATS");
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(sink = %name, "disconnected from NATS; reconnecting")
+                    }
+                    other => tracing::warn!(sink = %name, event = %other, "NATS client event"),
+                }
+            }
+        });
+        let servers = config
+            .url
+            .iter()
+            .map(|u| redact_url(u))
+            .collect::<Vec<_>>()
+            .join(",");
+        let addrs: Vec<async_nats::ServerAddr> = config
+            .url
+            .iter()
+            .map(|u| u.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e: std::io::Error| {
+                NatsSinkError::Config(vec![format!("url: {servers}: {e}")])
+            })?;
+        let client = options
+            .connect(addrs)
+            .await
+            .map_err(|source| NatsSinkError::Connect {
+                servers: servers.clone(),
+                source,
+            })?;
+        // Give the first connection a moment so a healthy broker is ready from the start; a
+        // broker that is down does not stop the daemon (the client keeps retrying).
+        let started = tokio::time::Instant::now();
+        while client.connection_state() != State::Connected {
+            if started.elapsed() >= config.connect_timeout {
+                tracing::warn!(sink = %config.name, servers = %servers, "NATS is not reachable yet; starting anyway and retrying in the background");
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let jetstream = config.jetstream.then(|| {
+            jetstream::ContextBuilder::new()
+                .timeout(config.ack_timeout)
+                .build(client.clone())
+        });
+        if !config.jetstream {
+            tracing::warn!(sink = %config.name, "jetstream = false: core NATS publish is at-most-once; an event acknowledged to Twilio can be lost");
+        }
+        let mut check_subjects: Vec<String> = EventKind::ALL
+            .iter()
+            .map(|kind| wildcard_subject(&subject, *kind))
+            .collect();
+        check_subjects.dedup();
+        Ok(Self {
+            name: config.name.clone(),
+            client,
+            jetstream,
+            subject,
+            content_mode: config.content_mode,
+            check_subjects,
+            stream: config.stream.clone(),
+            provisioned: AtomicBool::new(false),
+            metrics: sink_metrics,
+        })
+    }
+
+    fn encode(&self, event: &Event) -> (HeaderMap, bytes::Bytes) {
+        let mut headers = HeaderMap::new();
+        match self.content_mode {
+            ContentMode::Binary => {
+                for (name, value) in event.attributes() {
+                    let value: std::borrow::Cow<'_, str> =
+                        percent_encoding::utf8_percent_encode(value, HEADER_VALUE).into();
+                    headers.insert(header_name(name).as_ref(), value.as_ref());
+                }
+                (headers, event.data_json().clone())
+            }
+            ContentMode::Structured => {
+                headers.insert("Content-Type", STRUCTURED_CONTENT_TYPE);
+                (headers, event.envelope_json().clone())
+            }
+        }
+    }
+
+    async fn provision(&self, js: &jetstream::Context) -> Result<(), SinkError> {
+        let Some(stream) = &self.stream else {
+            return Ok(());
+        };
+        if self.provisioned.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let subjects = if stream.subjects.is_empty() {
+            self.check_subjects.clone()
+        } else {
+            stream.subjects.clone()
+        };
+        js.get_or_create_stream(stream.to_nats(subjects))
+            .await
+            .map_err(|e| {
+                SinkError::permanent(
+                    "stream_provisioning",
+                    format!("cannot create stream {}: {e}", stream.name),
+                )
+                .with_source(e)
+            })?;
+        tracing::info!(sink = %self.name, stream = %stream.name, "JetStream stream ready");
+        self.provisioned.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn classify(error: PublishError) -> SinkError {
+    let (retryable, reason) = match error.kind() {
+        PublishErrorKind::StreamNotFound => (false, "stream_not_found"),
+        PublishErrorKind::MaxPayloadExceeded => (false, "too_large"),
+        PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => {
+            (false, "rejected")
+        }
+        PublishErrorKind::TimedOut => (true, "timeout"),
+        PublishErrorKind::BrokenPipe => (true, "disconnected"),
+        PublishErrorKind::MaxAckPending => (true, "busy"),
+        _ => (true, "publish_failed"),
+    };
+    let message = match error.kind() {
+        PublishErrorKind::StreamNotFound => {
+            "no JetStream stream captures this subject (provision one with the sink's `stream` settings)".to_owned()
+        }
+        _ => error.to_string(),
+    };
+    let sink_error = if retryable {
+        SinkError::retryable(reason, message)
+    } else {
+        SinkError::permanent(reason, message)
+    };
+    sink_error.with_source(error)
+}
+
+#[async_trait]
+impl Sink for NatsSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    async fn publish(&self, event: &Event) -> Result<(), SinkError> {
+        if self.client.connection_state() != State::Connected {
+            return Err(SinkError::retryable(
+                "disconnected",
+                "not connected to NATS",
+            ));
+        }
+        let subject = self.subject.render_with(event, subject_token);
+        let (headers, payload) = self.encode(event);
+        match &self.jetstream {
+            Some(js) => {
+                let message = PublishMessage::build()
+                    .payload(payload)
+                    .headers(headers)
+                    .message_id(event.id());
+                let ack = js
+                    .send_publish(subject, message)
+                    .await
+                    .map_err(classify)?
+                    .await
+                    .map_err(classify)?;
+                if ack.duplicate {
+                    self.metrics.duplicates.inc();
+                    tracing::debug!(sink = %self.name, event_id = event.id(), stream = %ack.stream, "the stream already had this event");
+                }
+            }
+            None => self
+                .client
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(|e| {
+                    SinkError::retryable("publish_failed", e.to_string()).with_source(e)
+                })?,
+        }
+        Ok(())
+    }
+
+    async fn health(&self) -> Result<(), SinkError> {
+        if self.client.connection_state() != State::Connected {
+            return Err(SinkError::retryable(
+                "disconnected",
+                "not connected to NATS",
+            ));
+        }
+        let Some(js) = &self.jetstream else {
+            return Ok(());
+        };
+        self.provision(js).await?;
+        for subject in &self.check_subjects {
+            if let Err(error) = js.stream_by_subject(subject.as_str()).await {
+                return Err(SinkError::permanent(
+                    "stream_not_found",
+                    format!("no JetStream stream captures subject {subject}: {error}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn drain(&self) -> Result<(), SinkError> {
+        // Every JetStream publish already awaited its PubAck; flushing covers core NATS.
+        self.client
+            .flush()
+            .await
+            .map_err(|e| SinkError::retryable("flush_failed", e.to_string()).with_source(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_tokens_are_safe() {
+        let mut out = String::new();
+        subject_token("a.b *>c\tñ", &mut out);
+        assert_eq!(out, "a_b___c__");
+    }
+
+    #[test]
+    fn wildcard_subjects_cover_every_kind() {
+        let t = Template::parse("flex.interactions.{account}.{event}").unwrap();
+        assert_eq!(
+            wildcard_subject(&t, EventKind::ChannelStatusUpdated),
+            "flex.interactions.*.channel.status_updated"
+        );
+        let t = Template::parse("flex.acct_{account}.{event}").unwrap();
+        assert_eq!(wildcard_subject(&t, EventKind::Unknown), "flex.*.unknown");
+    }
+
+    #[test]
+    fn every_v1_attribute_has_a_static_header_name() {
+        let data = flexbridge_core::InteractionEvent::from_params(vec![
+            ("EventType".into(), "onInteractionCreated".into()),
+            ("AccountSid".into(), "AC1".into()),
+            ("InteractionSid".into(), "KD1".into()),
+        ])
+        .unwrap();
+        let event = Event::new("id".into(), std::time::SystemTime::UNIX_EPOCH, data);
+        for (name, _) in event.attributes() {
+            assert!(
+                matches!(header_name(name), std::borrow::Cow::Borrowed(_)),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn header_values_are_percent_encoded_as_the_binding_requires() {
+        let encoded =
+            percent_encoding::utf8_percent_encode("a b\"c%d\u{7f}ñ~", HEADER_VALUE).to_string();
+        assert_eq!(encoded, "a%20b%22c%25d%7F%C3%B1~");
+    }
+}

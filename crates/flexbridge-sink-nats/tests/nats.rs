@@ -1,0 +1,385 @@
+//! The `nats` sink against the real nats-server with JetStream (127.0.0.1:4222, or
+//! FLEXBRIDGE_NATS_URL). A missing server fails these tests; they never skip.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use async_nats::jetstream;
+use flexbridge_core::metrics::Metrics;
+use flexbridge_core::{ContentMode, Event, EventKind, Sink};
+use flexbridge_sink_nats::{NatsSink, NatsSinkConfig, NatsTls, Retention, Storage, StreamConfig};
+use flexbridge_testkit::{event, every_kind, unique, TcpProxy};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+fn server_url() -> String {
+    std::env::var("FLEXBRIDGE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+fn server_addr() -> SocketAddr {
+    let url = server_url();
+    let host_port = url
+        .rsplit("://")
+        .next()
+        .unwrap()
+        .rsplit('@')
+        .next()
+        .unwrap();
+    host_port.parse().unwrap()
+}
+
+/// A test's own stream on `<prefix>.>`, deleted when dropped.
+struct TestStream {
+    js: jetstream::Context,
+    name: String,
+    prefix: String,
+}
+
+impl TestStream {
+    async fn create(duplicate_window: Duration) -> Self {
+        let client = async_nats::connect(server_url())
+            .await
+            .unwrap_or_else(|e| panic!("NATS is not reachable at {}: {e}", server_url()));
+        let js = jetstream::new(client);
+        let name = unique("FBTEST");
+        let prefix = unique("fbtest");
+        js.create_stream(jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("{prefix}.>")],
+            storage: jetstream::stream::StorageType::Memory,
+            duplicate_window,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        Self { js, name, prefix }
+    }
+
+    async fn messages(&self) -> Vec<async_nats::jetstream::message::StreamMessage> {
+        let mut stream = self.js.get_stream(&self.name).await.unwrap();
+        let count = stream.info().await.unwrap().state.messages;
+        let mut out = Vec::new();
+        for seq in 1..=count {
+            out.push(stream.get_raw_message(seq).await.unwrap());
+        }
+        out
+    }
+}
+
+impl Drop for TestStream {
+    fn drop(&mut self) {
+        let js = self.js.clone();
+        let name = self.name.clone();
+        // Best effort: the runtime may be shutting down.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let _ = js.delete_stream(&name).await;
+            });
+        })
+        .join();
+    }
+}
+
+fn config(url: String, subject: String) -> NatsSinkConfig {
+    NatsSinkConfig {
+        name: "nats".to_owned(),
+        url: vec![url],
+        subject,
+        content_mode: ContentMode::Binary,
+        jetstream: true,
+        stream: None,
+        user: None,
+        password: None,
+        token: None,
+        nkey_seed: None,
+        credentials_file: None,
+        tls: NatsTls::default(),
+        ack_timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(2),
+    }
+}
+
+async fn connected(config: &NatsSinkConfig) -> (NatsSink, Metrics) {
+    let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+    let sink = NatsSink::connect(config, &metrics).await.unwrap();
+    let started = Instant::now();
+    while sink
+        .health()
+        .await
+        .is_err_and(|e| e.reason() == "disconnected")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "NATS is not reachable at {:?}",
+            config.url
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (sink, metrics)
+}
+
+fn decode(value: &str) -> String {
+    percent_encoding::percent_decode_str(value)
+        .decode_utf8()
+        .unwrap()
+        .into_owned()
+}
+
+#[tokio::test]
+async fn every_event_type_round_trips_in_binary_and_structured_mode() {
+    let stream = TestStream::create(Duration::from_secs(60)).await;
+    let binary = config(
+        server_url(),
+        format!("{}.bin.{{account}}.{{event}}", stream.prefix),
+    );
+    let (sink, _) = connected(&binary).await;
+    sink.health().await.unwrap();
+    let events = every_kind();
+    for e in &events {
+        sink.publish(e).await.unwrap();
+    }
+    let structured = NatsSinkConfig {
+        content_mode: ContentMode::Structured,
+        subject: format!("{}.structured.{{event}}", stream.prefix),
+        ..binary.clone()
+    };
+    let (structured_sink, _) = connected(&structured).await;
+    let structured_events: Vec<Event> = EventKind::ALL.iter().map(|k| event(*k, 100)).collect();
+    for e in &structured_events {
+        structured_sink.publish(e).await.unwrap();
+    }
+
+    let messages = stream.messages().await;
+    assert_eq!(messages.len(), events.len() * 2);
+    for (e, m) in events.iter().zip(&messages) {
+        assert_eq!(
+            m.subject.as_str(),
+            format!(
+                "{}.bin.{}.{}",
+                stream.prefix,
+                e.data().account_sid(),
+                e.kind().short_name()
+            )
+        );
+        assert_eq!(&m.payload[..], &e.data_json()[..]);
+        let header = |name: &str| m.headers.get(name).map(|v| decode(v.as_str()));
+        for (name, value) in e.attributes() {
+            assert_eq!(
+                header(&format!("ce-{name}")).as_deref(),
+                Some(value),
+                "ce-{name}"
+            );
+        }
+        assert_eq!(header("Nats-Msg-Id").as_deref(), Some(e.id()));
+        assert_eq!(
+            header("ce-datacontenttype").as_deref(),
+            Some("application/json")
+        );
+    }
+    // The error message of onChannelCreateFailed has a space, quotes, % and ñ: encoded on the
+    // wire as the binding requires.
+    let failed = &messages[2];
+    let raw = failed.headers.get("ce-type").unwrap().as_str();
+    assert_eq!(raw, "com.twilio.flex.interactions.channel.create_failed");
+    for (e, m) in structured_events.iter().zip(&messages[events.len()..]) {
+        assert_eq!(
+            m.headers.get("Content-Type").unwrap().as_str(),
+            "application/cloudevents+json; charset=UTF-8"
+        );
+        let envelope: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(envelope["id"], e.id());
+        assert_eq!(envelope["specversion"], "1.0");
+        assert_eq!(&m.payload[..], &e.envelope_json()[..]);
+    }
+}
+
+#[tokio::test]
+async fn the_same_event_twice_is_stored_once_and_counted_as_duplicate() {
+    let stream = TestStream::create(Duration::from_secs(60)).await;
+    let (sink, metrics) = connected(&config(
+        server_url(),
+        format!("{}.{{event}}", stream.prefix),
+    ))
+    .await;
+    let e = event(EventKind::ChannelStatusUpdated, 1);
+    sink.publish(&e).await.unwrap();
+    sink.publish(&e).await.unwrap();
+    assert_eq!(stream.messages().await.len(), 1);
+    assert_eq!(
+        metrics.sink_duplicates.with_label_values(&["nats"]).get(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_subject_without_a_stream_is_a_permanent_error_and_unhealthy() {
+    let subject = format!("{}.{{event}}", unique("fbnostream"));
+    let (sink, _) = connected(&config(server_url(), subject)).await;
+    let started = Instant::now();
+    let err = sink
+        .publish(&event(EventKind::InteractionCreated, 1))
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "must not hang until a timeout"
+    );
+    assert_eq!(err.reason(), "stream_not_found");
+    assert!(!err.is_retryable());
+    let health = sink.health().await.unwrap_err();
+    assert_eq!(health.reason(), "stream_not_found");
+    assert!(
+        health
+            .to_string()
+            .contains("no JetStream stream captures subject"),
+        "{health}"
+    );
+}
+
+#[tokio::test]
+async fn the_sink_provisions_its_stream() {
+    let stream_name = unique("FBPROV");
+    let prefix = unique("fbprov");
+    let mut c = config(server_url(), format!("{prefix}.{{account}}.{{event}}"));
+    c.stream = Some(StreamConfig {
+        name: stream_name.clone(),
+        subjects: vec![],
+        storage: Storage::Memory,
+        duplicate_window: Duration::from_secs(30),
+        max_age: Some(Duration::from_secs(3600)),
+        max_messages: Some(1000),
+        max_bytes: None,
+        retention: Retention::Limits,
+        replicas: 1,
+    });
+    let (sink, _) = connected(&c).await;
+    sink.health().await.unwrap();
+    for e in every_kind() {
+        sink.publish(&e).await.unwrap();
+    }
+    let js = jetstream::new(async_nats::connect(server_url()).await.unwrap());
+    let mut stream = js.get_stream(&stream_name).await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.state.messages, 8);
+    assert_eq!(info.config.duplicate_window, Duration::from_secs(30));
+    assert_eq!(info.config.max_messages, 1000);
+    js.delete_stream(&stream_name).await.unwrap();
+}
+
+/// Many requests publish at once: with 200 ms added to every server-to-client packet, 50
+/// concurrent publishes finish in about one delay, not fifty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_are_pipelined_not_serialized() {
+    let stream = TestStream::create(Duration::from_secs(60)).await;
+    let proxy = TcpProxy::start(server_addr()).await;
+    let (sink, _) = connected(&config(
+        format!("nats://{}", proxy.addr),
+        format!("{}.{{event}}", stream.prefix),
+    ))
+    .await;
+    proxy.delay_responses(Duration::from_millis(200));
+    let sink = std::sync::Arc::new(sink);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..50)
+        .map(|n| {
+            let sink = std::sync::Arc::clone(&sink);
+            tokio::spawn(
+                async move { sink.publish(&event(EventKind::ParticipantUpdated, n)).await },
+            )
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "50 publishes took {elapsed:?}: serialized"
+    );
+    assert_eq!(stream.messages().await.len(), 50);
+}
+
+/// The connection is cut under load: in-flight publishes fail cleanly (retryably), the client
+/// reconnects by itself, later publishes succeed, and every acknowledged event is in the
+/// stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_fails_cleanly_reconnects_and_loses_nothing_acknowledged() {
+    let stream = TestStream::create(Duration::from_secs(60)).await;
+    let proxy = TcpProxy::start(server_addr()).await;
+    let (sink, metrics) = connected(&config(
+        format!("nats://{}", proxy.addr),
+        format!("{}.{{event}}", stream.prefix),
+    ))
+    .await;
+    let sink = std::sync::Arc::new(sink);
+    let mut acknowledged = HashSet::new();
+    let mut failed = 0;
+    for round in 0..3u32 {
+        let tasks: Vec<_> = (0..40)
+            .map(|n| {
+                let sink = std::sync::Arc::clone(&sink);
+                tokio::spawn(async move {
+                    let e = event(EventKind::ChannelStatusUpdated, round * 100 + n);
+                    sink.publish(&e).await.map(|()| e.id().to_owned())
+                })
+            })
+            .collect();
+        if round == 1 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            proxy.cut();
+        }
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(id) => {
+                    acknowledged.insert(id);
+                }
+                Err(error) => {
+                    assert!(error.is_retryable(), "{error}");
+                    failed += 1;
+                }
+            }
+        }
+        if round == 1 {
+            assert!(
+                sink.health().await.is_err(),
+                "health must report the lost connection"
+            );
+            proxy.restore();
+            let started = Instant::now();
+            while sink.health().await.is_err() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(15),
+                    "did not reconnect"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert!(failed > 0, "the cut should have failed some publishes");
+    assert!(
+        acknowledged.len() >= 80,
+        "{} acknowledged",
+        acknowledged.len()
+    );
+    let stored: HashSet<String> = stream
+        .messages()
+        .await
+        .iter()
+        .map(|m| m.headers.get("Nats-Msg-Id").unwrap().as_str().to_owned())
+        .collect();
+    let missing: Vec<_> = acknowledged.difference(&stored).collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not stored: {missing:?}"
+    );
+    assert!(
+        metrics
+            .sink_reconnections
+            .with_label_values(&["nats"])
+            .get()
+            >= 1
+    );
+}

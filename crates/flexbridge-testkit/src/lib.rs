@@ -1,0 +1,200 @@
+//! Test helpers shared by the sink crates' integration tests: events of every type, and an
+//! in-test TCP proxy that can cut connections or delay traffic between flexbridge and a real
+//! broker (fault injection a real broker cannot give on demand).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is the report
+
+use flexbridge_core::{normalize, Attestation, Event, EventKind, Verified, WebhookRequest};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// A unique suffix for broker objects (streams, exchanges, queues, topics) of one test.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}{}x{nanos:x}x{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// One event of the given kind (unknown kinds get `onSomethingNew`), with every parameter its
+/// type documents, a per-call interaction SID and a unique idempotency token.
+pub fn event(kind: EventKind, n: u32) -> Event {
+    let interaction = format!("KD{n:032x}");
+    let mut params: Vec<(&str, String)> = vec![
+        (
+            "EventType",
+            kind.twilio_name().unwrap_or("onSomethingNew").to_owned(),
+        ),
+        (
+            "AccountSid",
+            "AC0123456789abcdef0123456789abcdef".to_owned(),
+        ),
+        (
+            "InstanceSid",
+            "GO0123456789abcdef0123456789abcdef".to_owned(),
+        ),
+        ("InteractionSid", interaction),
+        (
+            "MediaChannelSid",
+            "CH0123456789abcdef0123456789abcdef".to_owned(),
+        ),
+        ("MediaChannelType", "whatsapp".to_owned()),
+    ];
+    match kind {
+        EventKind::ChannelCreated => {
+            params.push(("ChannelSid", "UO0123456789abcdef0123456789abcdef".into()))
+        }
+        EventKind::ChannelCreateFailed => {
+            params.push(("ErrorCode", "45001".into()));
+            params.push((
+                "ErrorMessage",
+                "Downstream failure: 100% \"broken\" ñ".into(),
+            ));
+        }
+        EventKind::ChannelStatusUpdated => params.push(("ChannelStatus", "inactive".into())),
+        EventKind::ParticipantJoined
+        | EventKind::ParticipantLeft
+        | EventKind::ParticipantUpdated => {
+            params.push((
+                "ParticipantSid",
+                "UT0123456789abcdef0123456789abcdef".into(),
+            ));
+            params.push(("ParticipantType", "agent".into()));
+            params.push(("TaskSid", "WT0123456789abcdef0123456789abcdef".into()));
+        }
+        EventKind::InteractionCreated | EventKind::Unknown => {
+            params.push(("Extra Param", "a b".into()))
+        }
+    }
+    let request = WebhookRequest {
+        params: params.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        idempotency_token: Some(unique("idem-")),
+        received_at: SystemTime::now(),
+    };
+    normalize(Verified::attest(request, Attestation::AuthToken)).unwrap()
+}
+
+/// One event of every kind.
+pub fn every_kind() -> Vec<Event> {
+    EventKind::ALL
+        .iter()
+        .enumerate()
+        .map(|(n, kind)| event(*kind, n as u32))
+        .collect()
+}
+
+/// Copies one direction until either side closes or the proxy cuts. With `delay`, each chunk
+/// is written `delay` after it was read (latency, not a gap between chunks).
+async fn pipe(
+    mut reader: tokio::net::tcp::OwnedReadHalf,
+    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    mut cut: watch::Receiver<u64>,
+    delay: Option<Arc<AtomicU64>>,
+) {
+    let (chunks, mut due) =
+        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let mut cut_writer = cut.clone();
+    let writing = tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                next = due.recv() => next,
+                _ = cut_writer.changed() => None,
+            };
+            let Some((at, chunk)) = next else { break };
+            tokio::time::sleep_until(at).await;
+            if writer.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::select! {
+            n = reader.read(&mut buf) => match n { Ok(0) | Err(_) => break, Ok(n) => n },
+            _ = cut.changed() => break,
+        };
+        let ms = delay.as_ref().map_or(0, |d| d.load(Ordering::SeqCst));
+        let at = tokio::time::Instant::now() + Duration::from_millis(ms);
+        if chunks.send((at, buf[..n].to_vec())).is_err() {
+            break;
+        }
+    }
+    drop(chunks);
+    let _ = writing.await;
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `upstream`.
+pub struct TcpProxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    cut: watch::Sender<u64>,
+    delay_ms: Arc<AtomicU64>,
+}
+
+impl TcpProxy {
+    /// Starts proxying.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let (cut, _) = watch::channel(0u64);
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let (up2, cut2, delay2) = (Arc::clone(&up), cut.clone(), Arc::clone(&delay_ms));
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pipe(cr, sw, cut2.subscribe(), None));
+                tokio::spawn(pipe(sr, cw, cut2.subscribe(), Some(Arc::clone(&delay2))));
+            }
+        });
+        Self {
+            addr,
+            up,
+            cut,
+            delay_ms,
+        }
+    }
+
+    /// Closes every open connection and refuses new ones until [`TcpProxy::restore`].
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// Delays every chunk from the broker to the client (acks, confirms) by `delay`.
+    pub fn delay_responses(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,156 @@
+//! The `nats` sink end to end: the real binary, signed webhooks and `flexbridge simulate`, read
+//! back from the real JetStream stream.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use flexbridge_e2e::*;
+use std::collections::HashSet;
+use std::process::Command;
+
+const TOKEN: &str = "nats-e2e-token";
+const PATH: &str = "/flex/interactions";
+
+fn nats_url() -> String {
+    std::env::var("FLEXBRIDGE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}{}x{nanos:x}", std::process::id())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Every message of a stream: (Nats-Msg-Id, subject). Deletes the stream afterwards.
+fn drain_stream(name: &str) -> Vec<(String, String)> {
+    runtime().block_on(async {
+        let client = async_nats::connect(nats_url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream(name).await.unwrap();
+        let count = stream.info().await.unwrap().state.messages;
+        let mut out = Vec::new();
+        for seq in 1..=count {
+            let m = stream.get_raw_message(seq).await.unwrap();
+            let id = m.headers.get("Nats-Msg-Id").unwrap().as_str().to_owned();
+            out.push((id, m.subject.to_string()));
+        }
+        js.delete_stream(name).await.unwrap();
+        out
+    })
+}
+
+fn daemon_with_stream(stream: &str, prefix: &str) -> Daemon {
+    Daemon::start(&format!(
+        "[twilio]\nauth_tokens = [\"{TOKEN}\"]\n\n[[sinks]]\nname = \"jetstream\"\ntype = \"nats\"\nurl = \"{}\"\nsubject = \"{prefix}.{{account}}.{{event}}\"\n[sinks.stream]\nname = \"{stream}\"\nstorage = \"memory\"\nduplicate_window = \"5m\"\n",
+        nats_url()
+    ))
+}
+
+#[test]
+fn simulated_traffic_every_200_has_its_message_in_the_stream() {
+    let (stream, prefix) = (unique("FBE2E"), unique("fbe2e"));
+    let daemon = daemon_with_stream(&stream, &prefix);
+    wait_ready(&daemon);
+    let output = Command::new(binary())
+        .args([
+            "simulate",
+            "--url",
+            &daemon.url(PATH),
+            "--auth-token",
+            TOKEN,
+            "--count",
+            "300",
+            "--concurrency",
+            "16",
+            "--json-summary",
+            "--no-progress",
+        ])
+        .output()
+        .unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["status"]["200"], 300, "{summary}");
+    drop(daemon);
+    let messages = drain_stream(&stream);
+    let ids: HashSet<&str> = messages.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(messages.len(), 300);
+    assert_eq!(ids.len(), 300);
+    assert!(messages
+        .iter()
+        .all(|(_, subject)| subject.starts_with(&format!("{prefix}.AC"))));
+}
+
+#[test]
+fn the_same_signed_webhook_twice_gives_two_200s_and_one_message() {
+    let (stream, prefix) = (unique("FBDUP"), unique("fbdup"));
+    let daemon = daemon_with_stream(&stream, &prefix);
+    wait_ready(&daemon);
+    let webhook = status_updated("KD00000000000000000000000000000020", "closed");
+    for _ in 0..2 {
+        let response = signed_form(&daemon, PATH, TOKEN, &webhook)
+            .header("I-Twilio-Idempotency-Token", "same-delivery")
+            .send(daemon.ingress);
+        assert_eq!(response.status, 200, "{}", response.text());
+    }
+    assert_eq!(
+        daemon.metric("flexbridge_sink_duplicates_total{sink=\"jetstream\"}"),
+        1.0
+    );
+    drop(daemon);
+    assert_eq!(drain_stream(&stream).len(), 1);
+}
+
+#[test]
+fn no_stream_for_the_subject_gives_503_a_clear_log_and_not_ready() {
+    let daemon = Daemon::start(&format!(
+        "[twilio]\nauth_tokens = [\"{TOKEN}\"]\n\n[[sinks]]\nname = \"jetstream\"\ntype = \"nats\"\nurl = \"{}\"\nsubject = \"{}.{{event}}\"\n",
+        nats_url(),
+        unique("fbnone")
+    ));
+    let response = signed_form(
+        &daemon,
+        PATH,
+        TOKEN,
+        &status_updated("KD00000000000000000000000000000021", "active"),
+    )
+    .send(daemon.ingress);
+    assert_eq!(response.status, 503, "{}", response.text());
+    let line = daemon.wait_for_log("about the missing stream", |l| {
+        l["reason"] == "sink_unavailable"
+    });
+    assert!(
+        line["error"]
+            .as_str()
+            .unwrap()
+            .contains("no JetStream stream captures"),
+        "{line}"
+    );
+    let ready = get(daemon.admin, "/readyz");
+    assert_eq!(ready.status, 503);
+    let body = ready.json();
+    assert!(
+        body["sinks"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("no JetStream stream captures subject"),
+        "{body}"
+    );
+}
+
+fn wait_ready(daemon: &Daemon) {
+    let started = std::time::Instant::now();
+    while get(daemon.admin, "/readyz").status != 200 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "not ready: {}",
+            get(daemon.admin, "/readyz").text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
