@@ -19,9 +19,10 @@ if ! up 5672; then
   wait_for RabbitMQ 5672 60
 fi
 
+# The NATS auth tests start servers of their own: the binary must exist either way.
+command -v nats-server >/dev/null || { apt-get update -qq && apt-get install -y -qq nats-server; }
 if ! up 4222; then
   echo "services: starting NATS with JetStream"
-  command -v nats-server >/dev/null || { apt-get update -qq && apt-get install -y -qq nats-server; }
   mkdir -p /var/lib/nats-server
   start-stop-daemon --start --oknodo --background --exec "$(command -v nats-server)" -- \
     -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log

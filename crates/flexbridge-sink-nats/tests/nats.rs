@@ -383,3 +383,140 @@ async fn a_cut_connection_fails_cleanly_reconnects_and_loses_nothing_acknowledge
             >= 1
     );
 }
+
+/// Core NATS (jetstream = false): delivered to a subscriber, no PubAck to wait for.
+#[tokio::test]
+async fn core_nats_publishes_without_jetstream() {
+    use futures::StreamExt;
+    let prefix = unique("fbcore");
+    let client = async_nats::connect(server_url()).await.unwrap();
+    let mut subscriber = client.subscribe(format!("{prefix}.>")).await.unwrap();
+    client.flush().await.unwrap();
+    let mut c = config(server_url(), format!("{prefix}.{{event}}"));
+    c.jetstream = false;
+    let (sink, _) = connected(&c).await;
+    sink.health().await.unwrap();
+    let e = event(EventKind::ParticipantJoined, 7);
+    sink.publish(&e).await.unwrap();
+    sink.drain().await.unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(5), subscriber.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        message.subject.as_str(),
+        format!("{prefix}.participant.joined")
+    );
+    assert_eq!(&message.payload[..], &e.data_json()[..]);
+}
+
+/// A dedicated nats-server with authentication, started by the test.
+struct AuthServer {
+    child: std::process::Child,
+    port: u16,
+    _store: tempfile_dir::Dir,
+}
+
+mod tempfile_dir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl AuthServer {
+    fn start(auth: &[&str]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store = std::env::temp_dir().join(unique("fbnats"));
+        let child = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&store)
+            .args(auth)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server must be installed (scripts/services.sh installs it)");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            port,
+            _store: tempfile_dir::Dir(store),
+        }
+    }
+}
+
+impl Drop for AuthServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn user_password_and_token_authentication() {
+    let stream = |name: &str| StreamConfig {
+        name: name.to_owned(),
+        subjects: vec![],
+        storage: Storage::Memory,
+        duplicate_window: Duration::from_secs(60),
+        max_age: None,
+        max_messages: None,
+        max_bytes: None,
+        retention: Retention::Limits,
+        replicas: 1,
+    };
+    let server = AuthServer::start(&["--user", "flex", "--pass", "s3cret"]);
+    let mut c = config(
+        format!("nats://127.0.0.1:{}", server.port),
+        "auth.{event}".to_owned(),
+    );
+    c.stream = Some(stream("AUTH"));
+    c.user = Some("flex".to_owned());
+    c.password = Some(flexbridge_core::Secret::new("s3cret"));
+    let (sink, _) = connected(&c).await;
+    sink.health().await.unwrap();
+    sink.publish(&event(EventKind::ChannelCreated, 1))
+        .await
+        .unwrap();
+    // A wrong password never connects: the sink reports it instead of publishing.
+    c.password = Some(flexbridge_core::Secret::new("wrong"));
+    c.connect_timeout = Duration::from_millis(500);
+    let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+    let refused = NatsSink::connect(&c, &metrics).await.unwrap();
+    assert_eq!(refused.health().await.unwrap_err().reason(), "disconnected");
+    let err = refused
+        .publish(&event(EventKind::ChannelCreated, 2))
+        .await
+        .unwrap_err();
+    assert!(
+        err.is_retryable() && !err.to_string().contains("wrong"),
+        "{err}"
+    );
+    drop(server);
+
+    let server = AuthServer::start(&["--auth", "tok-123"]);
+    let mut c = config(
+        format!("nats://127.0.0.1:{}", server.port),
+        "auth.{event}".to_owned(),
+    );
+    c.stream = Some(stream("AUTHTOKEN"));
+    c.token = Some(flexbridge_core::Secret::new("tok-123"));
+    let (sink, _) = connected(&c).await;
+    sink.health().await.unwrap();
+    sink.publish(&event(EventKind::ChannelCreated, 3))
+        .await
+        .unwrap();
+}
