@@ -7,13 +7,15 @@
 # confirmed event (user + system, from /proc) and its peak RSS. Absolute figures on a shared
 # 2-core machine are noisy; the ratios to the reference in the same run are not.
 #   DURATION=10s CONCURRENCY=64 SINKS="file nats" scripts/bench.sh
-# Sinks: file, nats (JetStream on $NATS_URL, a bounded in-memory stream).
+# Sinks: file, nats (JetStream on $NATS_URL, a bounded in-memory stream), rabbitmq ($AMQP_URL,
+# a durable topic exchange and a bounded queue that drops the oldest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 CONCURRENCY=${CONCURRENCY:-64}
 SINKS=${SINKS:-${SINK:-file}}
 NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
+AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 TARGET=${CARGO_TARGET_DIR:-target}
 
 cargo build --release --locked -p flexbridge >&2
@@ -59,7 +61,8 @@ TOML
   case "$sink" in
     file) printf '[[sinks]]\nname = "file"\ntype = "file"\npath = "%s/events.jsonl"\n' "$work" >> "$config" ;;
     nats) printf '[[sinks]]\nname = "nats"\ntype = "nats"\nurl = "%s"\nsubject = "flexbridge.bench.{account}.{event}"\n[sinks.stream]\nname = "FLEXBRIDGE_BENCH"\nstorage = "memory"\nmax_messages = 200000\n' "$NATS_URL" >> "$config" ;;
-    *) echo "unknown sink $sink (file, nats)" >&2; exit 64 ;;
+    rabbitmq) printf '[[sinks]]\nname = "rabbitmq"\ntype = "rabbitmq"\nuri = "%s"\nexchange = "flexbridge.bench"\n[sinks.declare]\n[[sinks.declare.queues]]\nname = "flexbridge.bench"\n[sinks.declare.queues.arguments]\nx-max-length = 200000\n' "$AMQP_URL" >> "$config" ;;
+    *) echo "unknown sink $sink (file, nats, rabbitmq)" >&2; exit 64 ;;
   esac
   "$BIN" --log-level warn run --config "$config" &
   pid=$!

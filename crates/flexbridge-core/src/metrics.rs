@@ -40,6 +40,8 @@ pub struct Metrics {
     pub sink_duplicates: IntCounterVec,
     /// `flexbridge_sink_reconnections_total{sink}`: connections to the broker re-established.
     pub sink_reconnections: IntCounterVec,
+    /// `flexbridge_sink_returned_total{sink}`: messages the broker returned as unroutable.
+    pub sink_returned: IntCounterVec,
     /// `flexbridge_info{version,signature_verification}`: always 1; the labels say how this
     /// process runs (`signature_verification` is `enabled` or `disabled`).
     pub info: IntGaugeVec,
@@ -112,6 +114,13 @@ impl Metrics {
                 ),
                 &["sink"],
             )?,
+            sink_returned: IntCounterVec::new(
+                Opts::new(
+                    "flexbridge_sink_returned_total",
+                    "Messages the broker returned as unroutable (mandatory publish, no binding).",
+                ),
+                &["sink"],
+            )?,
             info: IntGaugeVec::new(
                 Opts::new("flexbridge_info", "Constant 1; labels describe this process."),
                 &["version", "signature_verification"],
@@ -128,6 +137,7 @@ impl Metrics {
         registry.register(Box::new(m.sink_up.clone()))?;
         registry.register(Box::new(m.sink_duplicates.clone()))?;
         registry.register(Box::new(m.sink_reconnections.clone()))?;
+        registry.register(Box::new(m.sink_returned.clone()))?;
         registry.register(Box::new(m.info.clone()))?;
         Ok(m)
     }
@@ -145,6 +155,7 @@ impl Metrics {
             up: self.sink_up.with_label_values(&[sink]),
             duplicates: self.sink_duplicates.with_label_values(&[sink]),
             reconnections: self.sink_reconnections.with_label_values(&[sink]),
+            returned: self.sink_returned.with_label_values(&[sink]),
             failures: self.sink_failures.clone(),
             sink: sink.to_owned(),
         }
@@ -166,6 +177,8 @@ pub struct SinkMetrics {
     pub duplicates: IntCounter,
     /// Reconnections.
     pub reconnections: IntCounter,
+    /// Unroutable messages returned by the broker.
+    pub returned: IntCounter,
     failures: IntCounterVec,
     sink: String,
 }

@@ -6,6 +6,7 @@ use flexbridge_core::{DeliveryConfig, Secret};
 use flexbridge_ingress::{IngressConfig, TwilioConfig};
 use flexbridge_sink_file::{FileSinkConfig, StdoutSinkConfig};
 use flexbridge_sink_nats::NatsSinkConfig;
+use flexbridge_sink_rabbitmq::RabbitMqSinkConfig;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -68,6 +69,8 @@ pub enum SinkConfig {
     Stdout(StdoutSinkConfig),
     /// `type = "nats"`
     Nats(Box<NatsSinkConfig>),
+    /// `type = "rabbitmq"`
+    Rabbitmq(Box<RabbitMqSinkConfig>),
 }
 
 impl SinkConfig {
@@ -77,6 +80,7 @@ impl SinkConfig {
             Self::File(c) => &c.name,
             Self::Stdout(c) => &c.name,
             Self::Nats(c) => &c.name,
+            Self::Rabbitmq(c) => &c.name,
         }
     }
 }
@@ -287,6 +291,7 @@ pub fn validate(config: &AppConfig) -> Vec<String> {
                 errors.push(format!("sinks[{i}].path: must not be empty"));
             }
             SinkConfig::Nats(nats) => errors.extend(nats.validate()),
+            SinkConfig::Rabbitmq(rabbitmq) => errors.extend(rabbitmq.validate()),
             _ => {}
         }
     }
@@ -339,7 +344,7 @@ mod tests {
             "delivery: max_attempts",
             "unknown section `extra_section`",
             "sinks[0]: missing field `path`",
-            "sinks[1]: unknown variant `kafkaa`, expected one of `file`, `stdout`, `nats`",
+            "sinks[1]: unknown variant `kafkaa`, expected one of `file`, `stdout`, `nats`, `rabbitmq`",
             "\"c\" is used twice",
         ] {
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
@@ -378,6 +383,28 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("nats://b:4222"));
+        let config = from_value(
+            json!({"sinks": [{"type": "rabbitmq", "name": "r", "uri": "amqp://guest:hunter2@rabbit:5672/%2f"}]}),
+            Some("tok"),
+        )
+        .unwrap();
+        let text = to_redacted_toml(&config);
+        assert!(
+            !text.contains("hunter2") && text.contains("amqp://guest:**REDACTED**@rabbit"),
+            "{text}"
+        );
+        assert!(!format!("{config:?}").contains("hunter2"));
+        let errors = from_value(
+            json!({"sinks": [{"type": "rabbitmq", "name": "r", "uri": "http://x", "routing_key": "{bad}"}]}),
+            Some("tok"),
+        )
+        .unwrap_err()
+        .0
+        .join("\n");
+        assert!(
+            errors.contains("amqp://") && errors.contains("unknown placeholder"),
+            "{errors}"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use flexbridge_core::{Delivery, Sink};
 use flexbridge_ingress::Ingress;
 use flexbridge_sink_file::{FileSink, StdoutSink};
 use flexbridge_sink_nats::NatsSink;
+use flexbridge_sink_rabbitmq::RabbitMqSink;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -35,6 +36,11 @@ pub async fn open_sinks(
             SinkConfig::Nats(c) => {
                 Arc::new(NatsSink::connect(c, metrics).await.with_context(context)?)
             }
+            SinkConfig::Rabbitmq(c) => Arc::new(
+                RabbitMqSink::connect(c, metrics)
+                    .await
+                    .with_context(context)?,
+            ),
         });
     }
     Ok(sinks)

@@ -1,0 +1,531 @@
+//! The `rabbitmq` sink: every publish is mandatory and persistent on a channel in confirm
+//! mode, and returns only once the broker confirmed it. A nack or a returned (unroutable)
+//! message is an error, never a success. Publishes are pipelined on the confirm channel: each
+//! request awaits its own confirm while others are in flight.
+//!
+//! A background task keeps the connection: it reconnects with backoff after the connection or
+//! the channel is lost, and declares (or passively checks) the topology each time.
+
+mod config;
+
+pub use config::{Argument, Declare, QueueDeclare, RabbitMqSinkConfig};
+
+use async_trait::async_trait;
+use flexbridge_core::metrics::{Metrics, SinkMetrics};
+use flexbridge_core::retry::Backoff;
+use flexbridge_core::route::Template;
+use flexbridge_core::schema::v1::{DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE};
+use flexbridge_core::secret::redact_url;
+use flexbridge_core::{ContentMode, Event, Sink, SinkError};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{watch, Notify};
+
+/// Errors building the sink.
+#[derive(Debug, thiserror::Error)]
+pub enum RabbitMqSinkError {
+    /// The configuration is invalid.
+    #[error("invalid rabbitmq sink configuration: {}", .0.join("; "))]
+    Config(Vec<String>),
+}
+
+/// A live connection and its confirm-mode channel.
+struct Link {
+    connection: Connection,
+    channel: Channel,
+}
+
+/// State shared with the connection task.
+struct Shared {
+    link: RwLock<Option<Arc<Link>>>,
+    /// Why the sink cannot publish now (connection or topology), for health and errors.
+    problem: RwLock<Option<SinkErrorInfo>>,
+    /// Wakes the connection task when a publish finds the link broken.
+    broken: Notify,
+}
+
+#[derive(Clone)]
+struct SinkErrorInfo {
+    retryable: bool,
+    reason: &'static str,
+    message: String,
+}
+
+impl SinkErrorInfo {
+    fn to_error(&self) -> SinkError {
+        if self.retryable {
+            SinkError::retryable(self.reason, self.message.clone())
+        } else {
+            SinkError::permanent(self.reason, self.message.clone())
+        }
+    }
+}
+
+/// Publishes to RabbitMQ.
+pub struct RabbitMqSink {
+    name: String,
+    exchange: ShortString,
+    routing_key: Template,
+    content_mode: ContentMode,
+    shared: Arc<Shared>,
+    metrics: SinkMetrics,
+    stop: watch::Sender<bool>,
+}
+
+/// Makes a value safe inside a routing key: `.` and white space become `_`.
+pub fn routing_key_value(value: &str, out: &mut String) {
+    out.extend(value.chars().map(|c| {
+        if c == '.' || c.is_whitespace() || c.is_control() {
+            '_'
+        } else {
+            c
+        }
+    }));
+}
+
+impl RabbitMqSink {
+    /// Starts the connection task. A broker that is down is not an error: the task keeps
+    /// retrying and the health check reports it until it connects.
+    pub async fn connect(
+        config: &RabbitMqSinkConfig,
+        metrics: &Metrics,
+    ) -> Result<Self, RabbitMqSinkError> {
+        let errors = config.validate();
+        if !errors.is_empty() {
+            return Err(RabbitMqSinkError::Config(errors));
+        }
+        let routing_key = Template::parse(&config.routing_key)
+            .map_err(|e| RabbitMqSinkError::Config(vec![e.to_string()]))?;
+        let shared = Arc::new(Shared {
+            link: RwLock::new(None),
+            problem: RwLock::new(Some(SinkErrorInfo {
+                retryable: true,
+                reason: "disconnected",
+                message: "not connected to RabbitMQ yet".to_owned(),
+            })),
+            broken: Notify::new(),
+        });
+        let sink_metrics = metrics.for_sink(&config.name);
+        let (stop, stopped) = watch::channel(false);
+        let (first_attempt, mut first_attempt_done) = watch::channel(false);
+        tokio::spawn(maintain(
+            config.clone(),
+            Arc::clone(&shared),
+            sink_metrics.clone(),
+            stopped,
+            first_attempt,
+        ));
+        // Let the first attempt finish so a healthy broker is ready from the start.
+        let _ = tokio::time::timeout(
+            config.connect_timeout + Duration::from_secs(1),
+            first_attempt_done.wait_for(|done| *done),
+        )
+        .await;
+        Ok(Self {
+            name: config.name.clone(),
+            exchange: config.exchange.as_str().into(),
+            routing_key,
+            content_mode: config.content_mode,
+            shared,
+            metrics: sink_metrics,
+            stop,
+        })
+    }
+
+    fn current(&self) -> Result<Arc<Link>, SinkError> {
+        let problem = self.shared.problem.read().ok().and_then(|p| p.clone());
+        if let Some(problem) = problem.as_ref().filter(|p| !p.retryable) {
+            // A topology problem: publishing would fail (and close the channel) anyway.
+            return Err(problem.to_error());
+        }
+        let link = self.shared.link.read().ok().and_then(|l| l.clone());
+        match link {
+            Some(link) if link.channel.status().connected() => Ok(link),
+            _ => {
+                self.shared.broken.notify_one();
+                Err(problem.map(|p| p.to_error()).unwrap_or_else(|| {
+                    SinkError::retryable("disconnected", "not connected to RabbitMQ")
+                }))
+            }
+        }
+    }
+
+    fn properties(&self, event: &Event) -> BasicProperties {
+        let timestamp = event_timestamp(event);
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(event.id().into())
+            .with_timestamp(timestamp)
+            .with_app_id("flexbridge".into())
+            .with_type(event.event_type().into());
+        match self.content_mode {
+            ContentMode::Binary => {
+                let mut headers = FieldTable::default();
+                for (name, value) in event.attributes() {
+                    headers.insert(
+                        header_name(name),
+                        AMQPValue::LongString(LongString::from(value)),
+                    );
+                }
+                properties
+                    .with_content_type(DATA_CONTENT_TYPE.into())
+                    .with_headers(headers)
+            }
+            ContentMode::Structured => properties.with_content_type(STRUCTURED_CONTENT_TYPE.into()),
+        }
+    }
+}
+
+/// Receipt time in seconds since the epoch (the AMQP `timestamp` property).
+fn event_timestamp(event: &Event) -> u64 {
+    humantime::parse_rfc3339(event.time())
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `cloudEvents_` + the attribute name, the AMQP binding's header for RabbitMQ 0-9-1.
+fn header_name(attribute: &'static str) -> ShortString {
+    let name = match attribute {
+        "specversion" => "cloudEvents_specversion",
+        "id" => "cloudEvents_id",
+        "source" => "cloudEvents_source",
+        "type" => "cloudEvents_type",
+        "subject" => "cloudEvents_subject",
+        "time" => "cloudEvents_time",
+        "datacontenttype" => "cloudEvents_datacontenttype",
+        "dataschema" => "cloudEvents_dataschema",
+        "partitionkey" => "cloudEvents_partitionkey",
+        other => return format!("cloudEvents_{other}").into(),
+    };
+    name.into()
+}
+
+fn lapin_error(reason: &'static str, error: lapin::Error) -> SinkError {
+    SinkError::retryable(reason, error.to_string()).with_source(error)
+}
+
+#[async_trait]
+impl Sink for RabbitMqSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    async fn publish(&self, event: &Event) -> Result<(), SinkError> {
+        let link = self.current()?;
+        let routing_key = self.routing_key.render_with(event, routing_key_value);
+        let payload = match self.content_mode {
+            ContentMode::Binary => event.data_json(),
+            ContentMode::Structured => event.envelope_json(),
+        };
+        let confirm = link
+            .channel
+            .basic_publish(
+                self.exchange.clone(),
+                routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                payload,
+                self.properties(event),
+            )
+            .await
+            .map_err(|e| {
+                self.shared.broken.notify_one();
+                lapin_error("disconnected", e)
+            })?;
+        match confirm.await.map_err(|e| {
+            self.shared.broken.notify_one();
+            lapin_error("disconnected", e)
+        })? {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) => {
+                self.metrics.returned.inc();
+                Err(SinkError::permanent(
+                    "unroutable",
+                    format!(
+                        "RabbitMQ returned the message: no queue is bound to exchange {:?} for routing key {:?} ({} {})",
+                        self.exchange.as_str(),
+                        routing_key,
+                        returned.reply_code,
+                        returned.reply_text.as_str()
+                    ),
+                ))
+            }
+            Confirmation::Nack(_) => Err(SinkError::retryable(
+                "nack",
+                "RabbitMQ refused the message (nack): a queue is full or the broker could not store it",
+            )),
+            Confirmation::NotRequested => Err(SinkError::permanent(
+                "no_confirm",
+                "the channel is not in confirm mode",
+            )),
+        }
+    }
+
+    async fn health(&self) -> Result<(), SinkError> {
+        self.current().map(|_| ())
+    }
+
+    async fn drain(&self) -> Result<(), SinkError> {
+        // Each publish awaited its own confirm; nothing is outstanding once the ingress drained.
+        let _ = self.stop.send(true);
+        let link = self.shared.link.write().ok().and_then(|mut l| l.take());
+        if let Some(link) = link {
+            let _ = link
+                .channel
+                .close(200, "flexbridge shutting down".into())
+                .await;
+            link.connection
+                .close(200, "flexbridge shutting down".into())
+                .await
+                .map_err(|e| lapin_error("close_failed", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Keeps a link: connect, confirm_select, topology; wait until it breaks; back off; repeat.
+async fn maintain(
+    config: RabbitMqSinkConfig,
+    shared: Arc<Shared>,
+    metrics: SinkMetrics,
+    mut stop: watch::Receiver<bool>,
+    first_attempt: watch::Sender<bool>,
+) {
+    let backoff = match Backoff::new(
+        Duration::from_millis(100),
+        Duration::from_secs(10),
+        2.0,
+        0.2,
+    ) {
+        Ok(backoff) => backoff,
+        Err(_) => return,
+    };
+    let uri = redact_url(config.uri.expose());
+    let mut failures = 0u32;
+    let mut connected_before = false;
+    loop {
+        match tokio::time::timeout(config.connect_timeout, establish(&config)).await {
+            Ok(Ok((link, topology))) => {
+                failures = 0;
+                if connected_before {
+                    metrics.reconnections.inc();
+                }
+                connected_before = true;
+                let link = Arc::new(link);
+                if let Ok(mut slot) = shared.link.write() {
+                    *slot = Some(Arc::clone(&link));
+                }
+                set_problem(&shared, topology.clone());
+                match &topology {
+                    None => {
+                        tracing::info!(sink = %config.name, uri = %uri, exchange = %config.exchange, "connected to RabbitMQ; publisher confirms on")
+                    }
+                    Some(problem) => {
+                        tracing::error!(sink = %config.name, error = %problem.message, "RabbitMQ topology is not usable")
+                    }
+                }
+                let _ = first_attempt.send(true);
+                // Wait until the link breaks (or a publish says it did), or shutdown.
+                loop {
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return,
+                        () = shared.broken.notified() => {}
+                        () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                    if !link.connection.status().connected() || !link.channel.status().connected() {
+                        break;
+                    }
+                    if topology.is_some() {
+                        // Re-check the topology from time to time: someone may create it.
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        break;
+                    }
+                }
+                if let Ok(mut slot) = shared.link.write() {
+                    *slot = None;
+                }
+                if topology.is_none() {
+                    tracing::warn!(sink = %config.name, "lost the RabbitMQ connection or channel; reconnecting");
+                    set_problem(
+                        &shared,
+                        Some(SinkErrorInfo {
+                            retryable: true,
+                            reason: "disconnected",
+                            message: "the RabbitMQ connection was lost; reconnecting".to_owned(),
+                        }),
+                    );
+                }
+                let _ = link.connection.close(200, "reconnecting".into()).await;
+            }
+            outcome => {
+                let message = match outcome {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => format!("no connection within {:?}", config.connect_timeout),
+                };
+                if failures == 0 {
+                    tracing::warn!(sink = %config.name, uri = %uri, error = %message, "cannot connect to RabbitMQ; retrying");
+                }
+                set_problem(
+                    &shared,
+                    Some(SinkErrorInfo {
+                        retryable: true,
+                        reason: "disconnected",
+                        message: format!("cannot connect to RabbitMQ at {uri}: {message}"),
+                    }),
+                );
+                let _ = first_attempt.send(true);
+                failures += 1;
+                let delay = backoff.delay(failures, 0.5);
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+fn set_problem(shared: &Shared, problem: Option<SinkErrorInfo>) {
+    if let Ok(mut slot) = shared.problem.write() {
+        *slot = problem;
+    }
+}
+
+/// Connects, opens the confirm channel and declares or checks the topology. A topology
+/// problem (the exchange is missing) keeps the link but is reported as a permanent error.
+async fn establish(
+    config: &RabbitMqSinkConfig,
+) -> Result<(Link, Option<SinkErrorInfo>), lapin::Error> {
+    let properties = ConnectionProperties::default()
+        .with_connection_name(format!("flexbridge {}", config.name).into());
+    let connection = Connection::connect(config.uri.expose(), properties).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let problem = if config.exchange.is_empty() {
+        None
+    } else {
+        // A failed passive declare closes its channel: use a throwaway one.
+        let setup = connection.create_channel().await?;
+        let outcome = declare(&setup, config).await;
+        let _ = setup.close(200, "topology done".into()).await;
+        match outcome {
+            Ok(()) => None,
+            Err(error) if config.declare.is_none() => Some(SinkErrorInfo {
+                retryable: false,
+                reason: "exchange_missing",
+                message: format!(
+                    "exchange {:?} does not exist on RabbitMQ ({error}): create it, or let flexbridge declare it with the sink's `declare` settings",
+                    config.exchange
+                ),
+            }),
+            Err(error) => Some(SinkErrorInfo {
+                retryable: false,
+                reason: "topology",
+                message: format!("declaring the topology failed: {error}"),
+            }),
+        }
+    };
+    Ok((
+        Link {
+            connection,
+            channel,
+        },
+        problem,
+    ))
+}
+
+async fn declare(channel: &Channel, config: &RabbitMqSinkConfig) -> Result<(), lapin::Error> {
+    let exchange: ShortString = config.exchange.as_str().into();
+    let Some(declare) = &config.declare else {
+        return channel
+            .exchange_declare(
+                exchange,
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+    };
+    let kind = match declare.exchange_type.as_str() {
+        "direct" => ExchangeKind::Direct,
+        "fanout" => ExchangeKind::Fanout,
+        "headers" => ExchangeKind::Headers,
+        _ => ExchangeKind::Topic,
+    };
+    channel
+        .exchange_declare(
+            exchange.clone(),
+            kind,
+            ExchangeDeclareOptions {
+                durable: declare.durable,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    for queue in &declare.queues {
+        let mut arguments = FieldTable::default();
+        for (name, value) in &queue.arguments {
+            let value = match value {
+                Argument::Bool(b) => AMQPValue::Boolean(*b),
+                Argument::Int(i) => AMQPValue::LongLongInt(*i),
+                Argument::Text(t) => AMQPValue::LongString(t.as_str().into()),
+            };
+            arguments.insert(name.as_str().into(), value);
+        }
+        channel
+            .queue_declare(
+                queue.name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: queue.durable,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await?;
+        for binding in &queue.bindings {
+            channel
+                .queue_bind(
+                    queue.name.as_str().into(),
+                    exchange.clone(),
+                    binding.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_key_values_keep_their_word() {
+        let mut out = String::new();
+        routing_key_value("a.b c", &mut out);
+        assert_eq!(out, "a_b_c");
+    }
+}

@@ -1,0 +1,360 @@
+//! The `rabbitmq` sink against the real RabbitMQ (127.0.0.1:5672, guest/guest, or
+//! FLEXBRIDGE_AMQP_URL). A missing broker fails these tests; they never skip.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use flexbridge_core::metrics::Metrics;
+use flexbridge_core::{ContentMode, EventKind, Secret, Sink};
+use flexbridge_sink_rabbitmq::{Argument, Declare, QueueDeclare, RabbitMqSink, RabbitMqSinkConfig};
+use flexbridge_testkit::{event, every_kind, unique, TcpProxy};
+use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::types::AMQPValue;
+use lapin::{Connection, ConnectionProperties};
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn broker_url() -> String {
+    std::env::var("FLEXBRIDGE_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+fn via(proxy: SocketAddr) -> String {
+    format!("amqp://guest:guest@{proxy}/%2f")
+}
+
+fn broker_addr() -> SocketAddr {
+    let url = broker_url();
+    let rest = url.split('@').nth(1).unwrap();
+    rest.split('/').next().unwrap().parse().unwrap()
+}
+
+/// The test's own exchange and queue, deleted when dropped.
+struct Topology {
+    exchange: String,
+    queue: String,
+}
+
+impl Topology {
+    fn new() -> Self {
+        Self {
+            exchange: unique("fbtest.ex."),
+            queue: unique("fbtest.q."),
+        }
+    }
+
+    fn declare(&self, arguments: BTreeMap<String, Argument>) -> Declare {
+        Declare {
+            exchange_type: "topic".to_owned(),
+            durable: false,
+            queues: vec![QueueDeclare {
+                name: self.queue.clone(),
+                durable: false,
+                bindings: vec!["#".to_owned()],
+                arguments,
+            }],
+        }
+    }
+
+    /// Every message in the queue, in order.
+    async fn drain(&self) -> Vec<lapin::message::BasicGetMessage> {
+        let connection = Connection::connect(&broker_url(), ConnectionProperties::default())
+            .await
+            .unwrap_or_else(|e| panic!("RabbitMQ is not reachable at {}: {e}", broker_url()));
+        let channel = connection.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(message) = channel
+            .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            out.push(message);
+        }
+        out
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let (exchange, queue) = (self.exchange.clone(), self.queue.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(connection) =
+                    Connection::connect(&broker_url(), ConnectionProperties::default()).await
+                {
+                    if let Ok(channel) = connection.create_channel().await {
+                        let _ = channel
+                            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                            .await;
+                        let _ = channel
+                            .exchange_delete(
+                                exchange.as_str().into(),
+                                ExchangeDeleteOptions::default(),
+                            )
+                            .await;
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
+fn config(uri: String, exchange: &str, declare: Option<Declare>) -> RabbitMqSinkConfig {
+    RabbitMqSinkConfig {
+        name: "rabbit".to_owned(),
+        uri: Secret::new(uri),
+        exchange: exchange.to_owned(),
+        routing_key: "{event}".to_owned(),
+        content_mode: ContentMode::Binary,
+        declare,
+        connect_timeout: Duration::from_secs(3),
+    }
+}
+
+async fn open(config: &RabbitMqSinkConfig) -> (RabbitMqSink, Metrics) {
+    let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+    let sink = RabbitMqSink::connect(config, &metrics).await.unwrap();
+    (sink, metrics)
+}
+
+fn text(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).unwrap(),
+        other => panic!("not a string: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn every_event_type_round_trips_with_headers_properties_and_routing_key() {
+    let t = Topology::new();
+    let c = config(broker_url(), &t.exchange, Some(t.declare(BTreeMap::new())));
+    let (sink, _) = open(&c).await;
+    sink.health().await.unwrap();
+    let events = every_kind();
+    for e in &events {
+        sink.publish(e).await.unwrap();
+    }
+    let structured = RabbitMqSinkConfig {
+        content_mode: ContentMode::Structured,
+        ..c.clone()
+    };
+    let (structured_sink, _) = open(&structured).await;
+    let last = event(EventKind::ChannelStatusUpdated, 99);
+    structured_sink.publish(&last).await.unwrap();
+
+    let messages = t.drain().await;
+    assert_eq!(messages.len(), events.len() + 1);
+    for (e, m) in events.iter().zip(&messages) {
+        let d = &m.delivery;
+        assert_eq!(d.routing_key.as_str(), e.kind().short_name());
+        assert_eq!(d.exchange.as_str(), t.exchange);
+        assert_eq!(&d.data[..], &e.data_json()[..]);
+        let p = &d.properties;
+        assert_eq!(
+            p.content_type().as_ref().unwrap().as_str(),
+            "application/json"
+        );
+        assert_eq!(p.message_id().as_ref().unwrap().as_str(), e.id());
+        assert_eq!(*p.delivery_mode(), Some(2));
+        assert_eq!(p.app_id().as_ref().unwrap().as_str(), "flexbridge");
+        assert_eq!(p.kind().as_ref().unwrap().as_str(), e.event_type());
+        assert!(p.timestamp().unwrap() > 1_700_000_000);
+        let headers = p.headers().as_ref().unwrap().inner();
+        for (name, value) in e.attributes() {
+            let header = headers
+                .get(format!("cloudEvents_{name}").as_str())
+                .unwrap_or_else(|| panic!("cloudEvents_{name}"));
+            assert_eq!(text(header), value);
+        }
+    }
+    let m = &messages[events.len()].delivery;
+    assert_eq!(
+        m.properties.content_type().as_ref().unwrap().as_str(),
+        "application/cloudevents+json; charset=UTF-8"
+    );
+    assert_eq!(&m.data[..], &last.envelope_json()[..]);
+}
+
+#[tokio::test]
+async fn an_unroutable_message_is_an_error_not_a_success() {
+    let t = Topology::new();
+    let declare = Declare {
+        queues: vec![],
+        ..t.declare(BTreeMap::new())
+    };
+    let (sink, metrics) = open(&config(broker_url(), &t.exchange, Some(declare))).await;
+    sink.health().await.unwrap();
+    let err = sink
+        .publish(&event(EventKind::InteractionCreated, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "unroutable");
+    assert!(!err.is_retryable());
+    assert!(err.to_string().contains("no queue is bound"), "{err}");
+    assert_eq!(
+        metrics.sink_returned.with_label_values(&["rabbit"]).get(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_broker_nack_is_an_error() {
+    let t = Topology::new();
+    let arguments = BTreeMap::from([
+        ("x-max-length".to_owned(), Argument::Int(1)),
+        (
+            "x-overflow".to_owned(),
+            Argument::Text("reject-publish".to_owned()),
+        ),
+    ]);
+    let (sink, _) = open(&config(
+        broker_url(),
+        &t.exchange,
+        Some(t.declare(arguments)),
+    ))
+    .await;
+    sink.publish(&event(EventKind::ChannelCreated, 1))
+        .await
+        .unwrap();
+    let err = sink
+        .publish(&event(EventKind::ChannelCreated, 2))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "nack");
+    assert_eq!(t.drain().await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_missing_exchange_is_reported_clearly() {
+    let (sink, _) = open(&config(broker_url(), &unique("fbtest.missing."), None)).await;
+    let health = sink.health().await.unwrap_err();
+    assert_eq!(health.reason(), "exchange_missing");
+    assert!(health.to_string().contains("does not exist"), "{health}");
+    let err = sink
+        .publish(&event(EventKind::ChannelCreated, 1))
+        .await
+        .unwrap_err();
+    assert!(!err.is_retryable());
+}
+
+/// With 200 ms added to every broker-to-client packet, 50 concurrent publishes finish in
+/// about one delay: confirms are pipelined, not one publish at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_are_pipelined_not_serialized() {
+    let t = Topology::new();
+    let proxy = TcpProxy::start(broker_addr()).await;
+    let (sink, _) = open(&config(
+        via(proxy.addr),
+        &t.exchange,
+        Some(t.declare(BTreeMap::new())),
+    ))
+    .await;
+    sink.health().await.unwrap();
+    proxy.delay_responses(Duration::from_millis(200));
+    let sink = Arc::new(sink);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..50)
+        .map(|n| {
+            let sink = Arc::clone(&sink);
+            tokio::spawn(
+                async move { sink.publish(&event(EventKind::ParticipantUpdated, n)).await },
+            )
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "50 publishes took {elapsed:?}: serialized"
+    );
+    assert_eq!(t.drain().await.len(), 50);
+}
+
+/// The connection is cut under load: in-flight publishes fail cleanly (retryably), the sink
+/// reconnects by itself, later publishes succeed, and nothing confirmed is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_fails_cleanly_reconnects_and_loses_nothing_confirmed() {
+    let t = Topology::new();
+    let proxy = TcpProxy::start(broker_addr()).await;
+    let (sink, metrics) = open(&config(
+        via(proxy.addr),
+        &t.exchange,
+        Some(t.declare(BTreeMap::new())),
+    ))
+    .await;
+    sink.health().await.unwrap();
+    let sink = Arc::new(sink);
+    let mut confirmed = HashSet::new();
+    let mut failed = 0;
+    for round in 0..3u32 {
+        let tasks: Vec<_> = (0..40)
+            .map(|n| {
+                let sink = Arc::clone(&sink);
+                tokio::spawn(async move {
+                    let e = event(EventKind::ChannelStatusUpdated, round * 100 + n);
+                    sink.publish(&e).await.map(|()| e.id().to_owned())
+                })
+            })
+            .collect();
+        if round == 1 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            proxy.cut();
+        }
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(id) => {
+                    confirmed.insert(id);
+                }
+                Err(error) => {
+                    assert!(error.is_retryable(), "{error}");
+                    failed += 1;
+                }
+            }
+        }
+        if round == 1 {
+            proxy.restore();
+            let started = Instant::now();
+            while sink.health().await.is_err() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(15),
+                    "did not reconnect"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert!(failed > 0, "the cut should have failed some publishes");
+    assert!(confirmed.len() >= 80, "{} confirmed", confirmed.len());
+    let stored: HashSet<String> = t
+        .drain()
+        .await
+        .iter()
+        .map(|m| {
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let missing: Vec<_> = confirmed.difference(&stored).collect();
+    assert!(
+        missing.is_empty(),
+        "confirmed but not in the queue: {missing:?}"
+    );
+    assert!(
+        metrics
+            .sink_reconnections
+            .with_label_values(&["rabbit"])
+            .get()
+            >= 1
+    );
+}

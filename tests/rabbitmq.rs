@@ -1,0 +1,160 @@
+//! The `rabbitmq` sink end to end: the real binary, signed webhooks and `flexbridge simulate`,
+//! read back from a real RabbitMQ queue.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use flexbridge_e2e::*;
+use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::{Connection, ConnectionProperties};
+use std::collections::HashSet;
+use std::process::Command;
+
+const TOKEN: &str = "rabbit-e2e-token";
+const PATH: &str = "/flex/interactions";
+
+fn amqp_url() -> String {
+    std::env::var("FLEXBRIDGE_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}{}x{nanos:x}", std::process::id())
+}
+
+/// Reads every message of `queue` (message ids), then deletes the queue and the exchange.
+fn drain_and_delete(exchange: &str, queue: &str) -> Vec<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let mut ids = Vec::new();
+        while let Some(m) = match queue {
+            "" => None,
+            queue => channel
+                .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap(),
+        } {
+            ids.push(
+                m.delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        let _ = channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
+        let _ = channel
+            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+            .await;
+        ids
+    })
+}
+
+fn daemon(exchange: &str, queues: &str) -> Daemon {
+    Daemon::start(&format!(
+        "[twilio]\nauth_tokens = [\"{TOKEN}\"]\n[delivery]\nack_timeout = \"3s\"\n\n[[sinks]]\nname = \"rabbit\"\ntype = \"rabbitmq\"\nuri = \"{}\"\nexchange = \"{exchange}\"\nrouting_key = \"flex.{{event}}\"\n[sinks.declare]\nexchange_type = \"topic\"\ndurable = false\n{queues}",
+        amqp_url()
+    ))
+}
+
+#[test]
+fn simulated_traffic_every_200_has_its_message_in_the_queue() {
+    let (exchange, queue) = (unique("fbe2e.ex."), unique("fbe2e.q."));
+    let d = daemon(&exchange, &format!("[[sinks.declare.queues]]\nname = \"{queue}\"\ndurable = false\nbindings = [\"flex.#\"]\n"));
+    let output = Command::new(binary())
+        .args([
+            "simulate",
+            "--url",
+            &d.url(PATH),
+            "--auth-token",
+            TOKEN,
+            "--count",
+            "300",
+            "--concurrency",
+            "16",
+            "--json-summary",
+            "--no-progress",
+        ])
+        .output()
+        .unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["status"]["200"], 300, "{summary}");
+    drop(d);
+    let ids = drain_and_delete(&exchange, &queue);
+    assert_eq!(ids.len(), 300);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 300);
+}
+
+#[test]
+fn an_unroutable_event_gets_503_and_is_logged() {
+    let exchange = unique("fbe2e.unroutable.");
+    let d = daemon(&exchange, "");
+    let response = signed_form(
+        &d,
+        PATH,
+        TOKEN,
+        &status_updated("KD00000000000000000000000000000030", "closed"),
+    )
+    .send(d.ingress);
+    assert_eq!(response.status, 503, "{}", response.text());
+    assert!(response.header("retry-after").is_some());
+    let line = d.wait_for_log("for the returned message", |l| {
+        l["reason"] == "sink_unavailable"
+    });
+    assert!(
+        line["error"]
+            .as_str()
+            .unwrap()
+            .contains("no queue is bound"),
+        "{line}"
+    );
+    assert_eq!(
+        d.metric("flexbridge_sink_returned_total{sink=\"rabbit\"}"),
+        1.0
+    );
+    drop(d);
+    drain_and_delete(&exchange, "");
+}
+
+#[test]
+fn a_broker_nack_gets_503() {
+    let (exchange, queue) = (unique("fbe2e.nack."), unique("fbe2e.nackq."));
+    let d = daemon(
+        &exchange,
+        &format!("[[sinks.declare.queues]]\nname = \"{queue}\"\ndurable = false\n[sinks.declare.queues.arguments]\nx-max-length = 1\nx-overflow = \"reject-publish\"\n"),
+    );
+    let first = signed_form(
+        &d,
+        PATH,
+        TOKEN,
+        &status_updated("KD00000000000000000000000000000031", "active"),
+    )
+    .send(d.ingress);
+    assert_eq!(first.status, 200, "{}", first.text());
+    let second = signed_form(
+        &d,
+        PATH,
+        TOKEN,
+        &status_updated("KD00000000000000000000000000000032", "active"),
+    )
+    .send(d.ingress);
+    assert_eq!(second.status, 503, "{}", second.text());
+    assert!(d.metric("flexbridge_sink_failures_total{reason=\"nack\",sink=\"rabbit\"}") >= 1.0);
+    drop(d);
+    assert_eq!(
+        drain_and_delete(&exchange, &queue),
+        vec![first.json()["id"].as_str().unwrap().to_owned()]
+    );
+}
