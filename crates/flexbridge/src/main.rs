@@ -6,6 +6,7 @@ mod daemon;
 mod demo;
 mod simulate;
 mod traffic;
+mod webhooks;
 
 use anyhow::Context as _;
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
@@ -110,6 +111,20 @@ enum Command {
         /// Do not draw a progress bar.
         #[arg(long)]
         no_progress: bool,
+    },
+    /// Manage the Flex InteractionWebhooks registrations.
+    Webhooks {
+        #[command(flatten)]
+        api: webhooks::ApiArgs,
+        #[command(subcommand)]
+        command: webhooks::WebhooksCommand,
+    },
+    /// Act on Flex Interactions.
+    Interactions {
+        #[command(flatten)]
+        api: webhooks::ApiArgs,
+        #[command(subcommand)]
+        command: webhooks::InteractionsCommand,
     },
     /// Print the JSON Schemas (draft 2020-12) of the CloudEvents flexbridge emits, or write
     /// them to a directory.
@@ -262,6 +277,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Webhooks { api, command } => Ok(webhooks::run(api, command).await),
+        Command::Interactions { api, command } => {
+            Ok(webhooks::run_interactions(api, command).await)
         }
         Command::Schema { out } => {
             let files = flexbridge_core::schema::v1::SCHEMA_FILES;
