@@ -418,6 +418,21 @@ fn errors_are_plain_and_busy_answers_are_retried() {
     );
     assert!(!text.contains("wrong-token"), "a secret was printed");
 
+    // API key credentials take precedence over the Auth Token (the fake accepts only the
+    // account's own, so a key is refused: proof it was the one sent).
+    let with_key = Command::new(binary())
+        .args(["webhooks", "list"])
+        .env("FLEXBRIDGE_FLEX_API_URL", &flex.url)
+        .env("TWILIO_ACCOUNT_SID", ACCOUNT)
+        .env("TWILIO_AUTH_TOKEN", TOKEN)
+        .env("TWILIO_API_KEY", "SK0123456789abcdef0123456789abcdef")
+        .env("TWILIO_API_SECRET", "key-secret")
+        .env("TWILIO_FLEX_INSTANCE_SID", INSTANCE)
+        .output()
+        .unwrap();
+    assert_eq!(with_key.status.code(), Some(3), "{}", stderr(&with_key));
+    assert!(!stderr(&with_key).contains("key-secret"));
+
     let unknown = flex.run(&[
         "webhooks",
         "create",
