@@ -4,21 +4,12 @@
 
 use flexbridge_e2e::*;
 use std::collections::HashSet;
-use std::process::Command;
 
 const TOKEN: &str = "nats-e2e-token";
 const PATH: &str = "/flex/interactions";
 
 fn nats_url() -> String {
     std::env::var("FLEXBRIDGE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}{}x{nanos:x}", std::process::id())
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -58,23 +49,7 @@ fn simulated_traffic_every_200_has_its_message_in_the_stream() {
     let (stream, prefix) = (unique("FBE2E"), unique("fbe2e"));
     let daemon = daemon_with_stream(&stream, &prefix);
     wait_ready(&daemon);
-    let output = Command::new(binary())
-        .args([
-            "simulate",
-            "--url",
-            &daemon.url(PATH),
-            "--auth-token",
-            TOKEN,
-            "--count",
-            "300",
-            "--concurrency",
-            "16",
-            "--json-summary",
-            "--no-progress",
-        ])
-        .output()
-        .unwrap();
-    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let summary = simulate(&daemon, PATH, TOKEN, 300, &["--concurrency", "16"]);
     assert_eq!(summary["status"]["200"], 300, "{summary}");
     drop(daemon);
     let messages = drain_stream(&stream);

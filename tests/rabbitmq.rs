@@ -6,7 +6,6 @@ use flexbridge_e2e::*;
 use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Connection, ConnectionProperties};
 use std::collections::HashSet;
-use std::process::Command;
 
 const TOKEN: &str = "rabbit-e2e-token";
 const PATH: &str = "/flex/interactions";
@@ -14,14 +13,6 @@ const PATH: &str = "/flex/interactions";
 fn amqp_url() -> String {
     std::env::var("FLEXBRIDGE_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}{}x{nanos:x}", std::process::id())
 }
 
 /// Reads every message of `queue` (message ids), then deletes the queue and the exchange.
@@ -73,23 +64,7 @@ fn daemon(exchange: &str, queues: &str) -> Daemon {
 fn simulated_traffic_every_200_has_its_message_in_the_queue() {
     let (exchange, queue) = (unique("fbe2e.ex."), unique("fbe2e.q."));
     let d = daemon(&exchange, &format!("[[sinks.declare.queues]]\nname = \"{queue}\"\ndurable = false\nbindings = [\"flex.#\"]\n"));
-    let output = Command::new(binary())
-        .args([
-            "simulate",
-            "--url",
-            &d.url(PATH),
-            "--auth-token",
-            TOKEN,
-            "--count",
-            "300",
-            "--concurrency",
-            "16",
-            "--json-summary",
-            "--no-progress",
-        ])
-        .output()
-        .unwrap();
-    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let summary = simulate(&d, PATH, TOKEN, 300, &["--concurrency", "16"]);
     assert_eq!(summary["status"]["200"], 300, "{summary}");
     drop(d);
     let ids = drain_and_delete(&exchange, &queue);

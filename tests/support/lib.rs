@@ -28,6 +28,48 @@ pub fn binary() -> PathBuf {
     path
 }
 
+/// A name no other test or run uses (streams, exchanges, queues).
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix}{}x{nanos:x}x{n}", std::process::id())
+}
+
+/// Runs `flexbridge simulate` against `daemon` and returns its JSON summary.
+pub fn simulate(
+    daemon: &Daemon,
+    path: &str,
+    token: &str,
+    count: u32,
+    extra: &[&str],
+) -> serde_json::Value {
+    let output = Command::new(binary())
+        .args([
+            "simulate",
+            "--url",
+            &daemon.url(path),
+            "--auth-token",
+            token,
+            "--count",
+        ])
+        .arg(count.to_string())
+        .args(["--json-summary", "--no-progress"])
+        .args(extra)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
 /// Owned parameters from literals.
 pub fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs

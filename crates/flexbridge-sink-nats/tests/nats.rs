@@ -6,9 +6,13 @@ use async_nats::jetstream;
 use flexbridge_core::metrics::Metrics;
 use flexbridge_core::{ContentMode, Event, EventKind, Sink};
 use flexbridge_sink_nats::{NatsSink, NatsSinkConfig, NatsTls, Retention, Storage, StreamConfig};
-use flexbridge_testkit::{event, every_kind, unique, TcpProxy};
+use flexbridge_testkit::{
+    cut_under_load_and_recover, event, every_kind, publish_concurrently_through_delay, unique,
+    TcpProxy,
+};
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn server_url() -> String {
@@ -280,21 +284,9 @@ async fn publishes_are_pipelined_not_serialized() {
         format!("{}.{{event}}", stream.prefix),
     ))
     .await;
-    proxy.delay_responses(Duration::from_millis(200));
-    let sink = std::sync::Arc::new(sink);
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..50)
-        .map(|n| {
-            let sink = std::sync::Arc::clone(&sink);
-            tokio::spawn(
-                async move { sink.publish(&event(EventKind::ParticipantUpdated, n)).await },
-            )
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap().unwrap();
-    }
-    let elapsed = started.elapsed();
+    let elapsed =
+        publish_concurrently_through_delay(Arc::new(sink), &proxy, Duration::from_millis(200), 50)
+            .await;
     assert!(
         elapsed < Duration::from_secs(2),
         "50 publishes took {elapsed:?}: serialized"
@@ -314,56 +306,7 @@ async fn a_cut_connection_fails_cleanly_reconnects_and_loses_nothing_acknowledge
         format!("{}.{{event}}", stream.prefix),
     ))
     .await;
-    let sink = std::sync::Arc::new(sink);
-    let mut acknowledged = HashSet::new();
-    let mut failed = 0;
-    for round in 0..3u32 {
-        let tasks: Vec<_> = (0..40)
-            .map(|n| {
-                let sink = std::sync::Arc::clone(&sink);
-                tokio::spawn(async move {
-                    let e = event(EventKind::ChannelStatusUpdated, round * 100 + n);
-                    sink.publish(&e).await.map(|()| e.id().to_owned())
-                })
-            })
-            .collect();
-        if round == 1 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            proxy.cut();
-        }
-        for task in tasks {
-            match task.await.unwrap() {
-                Ok(id) => {
-                    acknowledged.insert(id);
-                }
-                Err(error) => {
-                    assert!(error.is_retryable(), "{error}");
-                    failed += 1;
-                }
-            }
-        }
-        if round == 1 {
-            assert!(
-                sink.health().await.is_err(),
-                "health must report the lost connection"
-            );
-            proxy.restore();
-            let started = Instant::now();
-            while sink.health().await.is_err() {
-                assert!(
-                    started.elapsed() < Duration::from_secs(15),
-                    "did not reconnect"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    assert!(failed > 0, "the cut should have failed some publishes");
-    assert!(
-        acknowledged.len() >= 80,
-        "{} acknowledged",
-        acknowledged.len()
-    );
+    let (acknowledged, _) = cut_under_load_and_recover(Arc::new(sink), &proxy).await;
     let stored: HashSet<String> = stream
         .messages()
         .await

@@ -5,14 +5,17 @@
 use flexbridge_core::metrics::Metrics;
 use flexbridge_core::{ContentMode, EventKind, Secret, Sink};
 use flexbridge_sink_rabbitmq::{Argument, Declare, QueueDeclare, RabbitMqSink, RabbitMqSinkConfig};
-use flexbridge_testkit::{event, every_kind, unique, TcpProxy};
+use flexbridge_testkit::{
+    cut_under_load_and_recover, event, every_kind, publish_concurrently_through_delay, unique,
+    TcpProxy,
+};
 use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::AMQPValue;
 use lapin::{Connection, ConnectionProperties};
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn broker_url() -> String {
     std::env::var("FLEXBRIDGE_AMQP_URL")
@@ -255,21 +258,9 @@ async fn publishes_are_pipelined_not_serialized() {
     ))
     .await;
     sink.health().await.unwrap();
-    proxy.delay_responses(Duration::from_millis(200));
-    let sink = Arc::new(sink);
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..50)
-        .map(|n| {
-            let sink = Arc::clone(&sink);
-            tokio::spawn(
-                async move { sink.publish(&event(EventKind::ParticipantUpdated, n)).await },
-            )
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap().unwrap();
-    }
-    let elapsed = started.elapsed();
+    let elapsed =
+        publish_concurrently_through_delay(Arc::new(sink), &proxy, Duration::from_millis(200), 50)
+            .await;
     assert!(
         elapsed < Duration::from_secs(2),
         "50 publishes took {elapsed:?}: serialized"
@@ -290,48 +281,7 @@ async fn a_cut_connection_fails_cleanly_reconnects_and_loses_nothing_confirmed()
     ))
     .await;
     sink.health().await.unwrap();
-    let sink = Arc::new(sink);
-    let mut confirmed = HashSet::new();
-    let mut failed = 0;
-    for round in 0..3u32 {
-        let tasks: Vec<_> = (0..40)
-            .map(|n| {
-                let sink = Arc::clone(&sink);
-                tokio::spawn(async move {
-                    let e = event(EventKind::ChannelStatusUpdated, round * 100 + n);
-                    sink.publish(&e).await.map(|()| e.id().to_owned())
-                })
-            })
-            .collect();
-        if round == 1 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            proxy.cut();
-        }
-        for task in tasks {
-            match task.await.unwrap() {
-                Ok(id) => {
-                    confirmed.insert(id);
-                }
-                Err(error) => {
-                    assert!(error.is_retryable(), "{error}");
-                    failed += 1;
-                }
-            }
-        }
-        if round == 1 {
-            proxy.restore();
-            let started = Instant::now();
-            while sink.health().await.is_err() {
-                assert!(
-                    started.elapsed() < Duration::from_secs(15),
-                    "did not reconnect"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    assert!(failed > 0, "the cut should have failed some publishes");
-    assert!(confirmed.len() >= 80, "{} confirmed", confirmed.len());
+    let (confirmed, _) = cut_under_load_and_recover(Arc::new(sink), &proxy).await;
     let stored: HashSet<String> = t
         .drain()
         .await

@@ -3,7 +3,8 @@
 //! broker (fault injection a real broker cannot give on demand).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is the report
 
-use flexbridge_core::{normalize, Attestation, Event, EventKind, Verified, WebhookRequest};
+use flexbridge_core::{normalize, Attestation, Event, EventKind, Sink, Verified, WebhookRequest};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -197,4 +198,90 @@ impl TcpProxy {
         self.delay_ms
             .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
+}
+
+/// The sink contract under a proxy that adds `delay` to every broker-to-client packet:
+/// `count` concurrent publishes must all succeed. Returns how long they took, which a
+/// pipelining sink keeps near one `delay` (a serializing one needs `count` of them).
+pub async fn publish_concurrently_through_delay(
+    sink: Arc<dyn Sink>,
+    proxy: &TcpProxy,
+    delay: Duration,
+    count: u32,
+) -> Duration {
+    proxy.delay_responses(delay);
+    let started = tokio::time::Instant::now();
+    let tasks: Vec<_> = (0..count)
+        .map(|n| {
+            let sink = Arc::clone(&sink);
+            tokio::spawn(
+                async move { sink.publish(&event(EventKind::ParticipantUpdated, n)).await },
+            )
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    proxy.delay_responses(Duration::ZERO);
+    started.elapsed()
+}
+
+/// The sink contract when the connection is cut under load: three rounds of 40 concurrent
+/// publishes, the proxy cutting every connection during the second. Every failure must be
+/// retryable, the sink must report unhealthy and then recover by itself within 15 s, and
+/// later publishes must succeed. Returns the ids of the confirmed events (the caller checks
+/// each is in the broker) and the number of failed publishes.
+pub async fn cut_under_load_and_recover(
+    sink: Arc<dyn Sink>,
+    proxy: &TcpProxy,
+) -> (HashSet<String>, usize) {
+    let mut confirmed = HashSet::new();
+    let mut failed = 0;
+    for round in 0..3u32 {
+        let tasks: Vec<_> = (0..40)
+            .map(|n| {
+                let sink = Arc::clone(&sink);
+                tokio::spawn(async move {
+                    let e = event(EventKind::ChannelStatusUpdated, round * 100 + n);
+                    sink.publish(&e).await.map(|()| e.id().to_owned())
+                })
+            })
+            .collect();
+        if round == 1 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            proxy.cut();
+        }
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(id) => {
+                    confirmed.insert(id);
+                }
+                Err(error) => {
+                    assert!(
+                        error.is_retryable(),
+                        "a cut connection must fail retryably: {error}"
+                    );
+                    failed += 1;
+                }
+            }
+        }
+        if round == 1 {
+            assert!(
+                sink.health().await.is_err(),
+                "health must report the lost connection"
+            );
+            proxy.restore();
+            let started = tokio::time::Instant::now();
+            while sink.health().await.is_err() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(15),
+                    "the sink did not reconnect"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert!(failed > 0, "the cut should have failed some publishes");
+    assert!(confirmed.len() >= 80, "{} confirmed", confirmed.len());
+    (confirmed, failed)
 }
