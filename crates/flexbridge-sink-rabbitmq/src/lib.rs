@@ -186,9 +186,9 @@ impl RabbitMqSink {
 
 /// Receipt time in seconds since the epoch (the AMQP `timestamp` property).
 fn event_timestamp(event: &Event) -> u64 {
-    humantime::parse_rfc3339(event.time())
-        .ok()
-        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+    event
+        .received_at()
+        .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 

@@ -165,6 +165,7 @@ pub fn event_id(account_sid: &str, token: Option<&str>, params: &[(String, Strin
 pub struct Event {
     id: String,
     source: String,
+    received_at: SystemTime,
     time: String,
     data: InteractionEvent,
     envelope_json: Bytes,
@@ -265,6 +266,7 @@ impl Event {
         let mut event = Self {
             id,
             source,
+            received_at,
             time,
             data,
             envelope_json: Bytes::new(),
@@ -324,6 +326,11 @@ impl Event {
     /// CloudEvent `time` (receipt time, RFC 3339).
     pub fn time(&self) -> &str {
         &self.time
+    }
+
+    /// The receipt time itself (what `time` renders).
+    pub fn received_at(&self) -> SystemTime {
+        self.received_at
     }
 
     /// CloudEvent `dataschema`.
