@@ -8,7 +8,8 @@
 # 2-core machine are noisy; the ratios to the reference in the same run are not.
 #   DURATION=10s CONCURRENCY=64 SINKS="file nats" scripts/bench.sh
 # Sinks: file, nats (JetStream on $NATS_URL, a bounded in-memory stream), rabbitmq ($AMQP_URL,
-# a durable topic exchange and a bounded queue that drops the oldest).
+# a durable topic exchange and a bounded queue that drops the oldest), kafka (tansu started by
+# scripts/kafka.sh, one topic of 3 partitions).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
@@ -62,7 +63,11 @@ TOML
     file) printf '[[sinks]]\nname = "file"\ntype = "file"\npath = "%s/events.jsonl"\n' "$work" >> "$config" ;;
     nats) printf '[[sinks]]\nname = "nats"\ntype = "nats"\nurl = "%s"\nsubject = "flexbridge.bench.{account}.{event}"\n[sinks.stream]\nname = "FLEXBRIDGE_BENCH"\nstorage = "memory"\nmax_messages = 200000\n' "$NATS_URL" >> "$config" ;;
     rabbitmq) printf '[[sinks]]\nname = "rabbitmq"\ntype = "rabbitmq"\nuri = "%s"\nexchange = "flexbridge.bench"\n[sinks.declare]\n[[sinks.declare.queues]]\nname = "flexbridge.bench"\n[sinks.declare.queues.arguments]\nx-max-length = 200000\n' "$AMQP_URL" >> "$config" ;;
-    *) echo "unknown sink $sink (file, nats, rabbitmq)" >&2; exit 64 ;;
+    kafka)
+      [ -n "${FLEXBRIDGE_KAFKA_BROKERS:-}" ] || eval "$(scripts/kafka.sh start)"
+      tansu topic create --broker "tcp://$FLEXBRIDGE_KAFKA_BROKERS" --partitions 3 flexbridge-bench >/dev/null 2>&1 || true
+      printf '[[sinks]]\nname = "kafka"\ntype = "kafka"\nbrokers = "%s"\ntopic = "flexbridge-bench"\n' "$FLEXBRIDGE_KAFKA_BROKERS" >> "$config" ;;
+    *) echo "unknown sink $sink (file, nats, rabbitmq, kafka)" >&2; exit 64 ;;
   esac
   "$BIN" --log-level warn run --config "$config" &
   pid=$!

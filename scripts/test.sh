@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The whole test suite: starts what it needs, checks formatting and lints, builds the binary
-# the end-to-end tests drive, and runs every test.
+# The whole test suite: starts what it needs (RabbitMQ, NATS, a Kafka-protocol broker),
+# checks formatting and lints, builds the binary the end-to-end tests drive, and runs every
+# test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/services.sh
+# A real Kafka-protocol broker (tansu; built once, then cached) for the Kafka tests.
+eval "$(scripts/kafka.sh start)"
+trap 'scripts/kafka.sh stop' EXIT
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

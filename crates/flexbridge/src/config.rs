@@ -5,6 +5,7 @@
 use flexbridge_core::{DeliveryConfig, Secret};
 use flexbridge_ingress::{IngressConfig, TwilioConfig};
 use flexbridge_sink_file::{FileSinkConfig, StdoutSinkConfig};
+use flexbridge_sink_kafka::KafkaSinkConfig;
 use flexbridge_sink_nats::NatsSinkConfig;
 use flexbridge_sink_rabbitmq::RabbitMqSinkConfig;
 use serde::de::DeserializeOwned;
@@ -205,6 +206,8 @@ pub enum SinkConfig {
     Nats(Box<NatsSinkConfig>),
     /// `type = "rabbitmq"`
     Rabbitmq(Box<RabbitMqSinkConfig>),
+    /// `type = "kafka"`
+    Kafka(Box<KafkaSinkConfig>),
 }
 
 impl SinkConfig {
@@ -215,6 +218,7 @@ impl SinkConfig {
             Self::Stdout(c) => &c.name,
             Self::Nats(c) => &c.name,
             Self::Rabbitmq(c) => &c.name,
+            Self::Kafka(c) => &c.name,
         }
     }
 }
@@ -428,6 +432,16 @@ pub fn validate(config: &AppConfig) -> Vec<String> {
             }
             SinkConfig::Nats(nats) => errors.extend(nats.validate()),
             SinkConfig::Rabbitmq(rabbitmq) => errors.extend(rabbitmq.validate()),
+            SinkConfig::Kafka(kafka) => {
+                errors.extend(kafka.validate());
+                if kafka.message_timeout >= config.delivery.ack_timeout {
+                    errors.push(format!(
+                        "sinks.{}.message_timeout: must stay below delivery.ack_timeout ({}), or a record may land after the webhook was answered 503",
+                        kafka.name,
+                        humantime::format_duration(config.delivery.ack_timeout)
+                    ));
+                }
+            }
             _ => {}
         }
     }
@@ -480,7 +494,7 @@ mod tests {
             "delivery: max_attempts",
             "unknown section `extra_section`",
             "sinks[0]: missing field `path`",
-            "sinks[1]: unknown variant `kafkaa`, expected one of `file`, `stdout`, `nats`, `rabbitmq`",
+            "sinks[1]: unknown variant `kafkaa`, expected one of `file`, `stdout`, `nats`, `rabbitmq`, `kafka`",
             "\"c\" is used twice",
         ] {
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");

@@ -7,6 +7,7 @@ use flexbridge_core::metrics::Metrics;
 use flexbridge_core::{Delivery, Sink};
 use flexbridge_ingress::Ingress;
 use flexbridge_sink_file::{FileSink, StdoutSink};
+use flexbridge_sink_kafka::KafkaSink;
 use flexbridge_sink_nats::NatsSink;
 use flexbridge_sink_rabbitmq::RabbitMqSink;
 use std::sync::atomic::Ordering;
@@ -41,6 +42,7 @@ pub async fn open_sinks(
                     .await
                     .with_context(context)?,
             ),
+            SinkConfig::Kafka(c) => Arc::new(KafkaSink::connect(c).with_context(context)?),
         });
     }
     Ok(sinks)

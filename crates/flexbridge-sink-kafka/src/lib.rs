@@ -1,0 +1,422 @@
+//! The `kafka` sink: an idempotent `FutureProducer` (`enable.idempotence=true`, `acks=all`)
+//! shared by every request without a lock (many records in flight), `publish` returning on
+//! the delivery report, CloudEvents Kafka binding in binary (default) or structured mode, and
+//! the record key = the `partitionkey` (the Interaction SID), so one interaction's events stay
+//! in order in their partition.
+
+use async_trait::async_trait;
+use flexbridge_core::route::Template;
+use flexbridge_core::schema::v1::STRUCTURED_CONTENT_TYPE;
+use flexbridge_core::{ContentMode, Event, Sink, SinkError};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Serialize, Serializer};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// librdkafka properties passed through (TLS, SASL, tuning). Values of keys that hold
+/// secrets (passwords, keys, tokens) never print.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct Properties(pub BTreeMap<String, String>);
+
+fn is_secret(key: &str) -> bool {
+    [
+        "password",
+        "secret",
+        "token",
+        "key.pem",
+        "keystore",
+        "ssl.key",
+        "oauthbearer.config",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
+}
+
+impl Properties {
+    fn redacted(&self) -> BTreeMap<&str, &str> {
+        self.0
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret(k) {
+                    flexbridge_core::secret::REDACTED
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), v)
+            })
+            .collect()
+    }
+}
+
+impl fmt::Debug for Properties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.redacted()).finish()
+    }
+}
+
+impl Serialize for Properties {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.redacted().serialize(serializer)
+    }
+}
+
+/// `type = "kafka"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// Unique sink name, used in metrics and logs.
+    pub name: String,
+    /// Bootstrap brokers, `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Topic: a plain name or a template; values are made topic-safe (characters outside
+    /// `[A-Za-z0-9._-]` become `_`).
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Record key template; default the CloudEvents `partitionkey` (Interaction SID, else
+    /// Account SID), which keeps one interaction's events in order.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// `binary` (`ce_*` headers, `data` as value) or `structured` (the envelope).
+    #[serde(default)]
+    pub content_mode: ContentMode,
+    /// Longest time librdkafka tries to deliver a record (`message.timeout.ms`); must stay
+    /// below `delivery.ack_timeout`.
+    #[serde(default = "default_message_timeout", with = "humantime_serde")]
+    pub message_timeout: Duration,
+    /// `linger.ms`: how long the producer waits to batch records under load.
+    #[serde(default = "default_linger", with = "humantime_serde")]
+    pub linger: Duration,
+    /// librdkafka properties (e.g. `security.protocol`, `sasl.mechanisms`, `sasl.username`,
+    /// `sasl.password`, `ssl.ca.location`, `compression.type`); they override the defaults
+    /// above except `enable.idempotence` and `acks`.
+    #[serde(default)]
+    pub properties: Properties,
+}
+
+fn default_topic() -> String {
+    "flex.interactions.{event}".to_owned()
+}
+fn default_message_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_linger() -> Duration {
+    Duration::from_millis(2)
+}
+
+impl KafkaSinkConfig {
+    /// Every problem, as `sinks.<name>.<key>: message`.
+    pub fn validate(&self) -> Vec<String> {
+        let key = |k: &str| format!("sinks.{}.{k}", self.name);
+        let mut errors = Vec::new();
+        if self.brokers.trim().is_empty() {
+            errors.push(format!("{}: at least one broker is needed", key("brokers")));
+        }
+        match Template::parse(&self.topic) {
+            Err(e) => errors.push(format!("{}: {e}", key("topic"))),
+            Ok(t) => {
+                let sample = t.pattern("channel.status_updated", "x");
+                if sample.len() > 249
+                    || !sample
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                {
+                    errors.push(format!(
+                        "{}: {:?} is not a valid topic name ([A-Za-z0-9._-], at most 249)",
+                        key("topic"),
+                        self.topic
+                    ));
+                }
+            }
+        }
+        if let Some(k) = &self.key {
+            if let Err(e) = Template::parse(k) {
+                errors.push(format!("{}: {e}", key("key")));
+            }
+        }
+        if self.message_timeout.is_zero() {
+            errors.push(format!(
+                "{}: must be greater than zero",
+                key("message_timeout")
+            ));
+        }
+        for fixed in ["enable.idempotence", "acks"] {
+            if self.properties.0.contains_key(fixed) {
+                errors.push(format!(
+                    "{}: {fixed} is fixed (idempotent, acks=all) so that an acknowledged event is in Kafka",
+                    key("properties")
+                ));
+            }
+        }
+        errors
+    }
+}
+
+/// Errors building the sink.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSinkError {
+    /// The configuration is invalid.
+    #[error("invalid kafka sink configuration: {}", .0.join("; "))]
+    Config(Vec<String>),
+    /// librdkafka refused the configuration.
+    #[error("librdkafka refused the producer configuration")]
+    Client(#[source] KafkaError),
+}
+
+/// Makes a value topic-safe: characters outside `[A-Za-z0-9._-]` become `_`.
+pub fn topic_value(value: &str, out: &mut String) {
+    out.extend(value.chars().map(|c| {
+        if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+            c
+        } else {
+            '_'
+        }
+    }));
+}
+
+/// Publishes to Kafka.
+pub struct KafkaSink {
+    name: String,
+    producer: FutureProducer,
+    topic: Template,
+    key: Option<Template>,
+    content_mode: ContentMode,
+    message_timeout: Duration,
+}
+
+impl KafkaSink {
+    /// Builds the producer. A broker that is down is not an error: librdkafka keeps trying,
+    /// and the health check reports it.
+    pub fn connect(config: &KafkaSinkConfig) -> Result<Self, KafkaSinkError> {
+        let errors = config.validate();
+        if !errors.is_empty() {
+            return Err(KafkaSinkError::Config(errors));
+        }
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.brokers)
+            .set(
+                "message.timeout.ms",
+                config.message_timeout.as_millis().to_string(),
+            )
+            .set("linger.ms", config.linger.as_millis().to_string())
+            .set("client.id", format!("flexbridge-{}", config.name))
+            // A topic the broker says does not exist fails within a second instead of after
+            // librdkafka's default 30 s (longer than any acknowledgement deadline).
+            .set("topic.metadata.propagation.max.ms", "1000");
+        for (key, value) in &config.properties.0 {
+            client.set(key, value);
+        }
+        client.set("enable.idempotence", "true").set("acks", "all");
+        let producer: FutureProducer = client.create().map_err(KafkaSinkError::Client)?;
+        let parse =
+            |t: &str| Template::parse(t).map_err(|e| KafkaSinkError::Config(vec![e.to_string()]));
+        Ok(Self {
+            name: config.name.clone(),
+            producer,
+            topic: parse(&config.topic)?,
+            key: config.key.as_deref().map(parse).transpose()?,
+            content_mode: config.content_mode,
+            message_timeout: config.message_timeout,
+        })
+    }
+
+    fn headers(&self, event: &Event) -> OwnedHeaders {
+        let mut headers = OwnedHeaders::new_with_capacity(10);
+        match self.content_mode {
+            ContentMode::Binary => {
+                for (name, value) in event.attributes() {
+                    headers = headers.insert(Header {
+                        key: &header_name(name),
+                        value: Some(value),
+                    });
+                }
+                headers.insert(Header {
+                    key: "content-type",
+                    value: Some(event.data_content_type()),
+                })
+            }
+            ContentMode::Structured => headers.insert(Header {
+                key: "content-type",
+                value: Some(STRUCTURED_CONTENT_TYPE),
+            }),
+        }
+    }
+}
+
+/// `ce_` + the attribute name, the Kafka binding's header.
+fn header_name(attribute: &str) -> std::borrow::Cow<'static, str> {
+    std::borrow::Cow::Borrowed(match attribute {
+        "specversion" => "ce_specversion",
+        "id" => "ce_id",
+        "source" => "ce_source",
+        "type" => "ce_type",
+        "subject" => "ce_subject",
+        "time" => "ce_time",
+        "datacontenttype" => "ce_datacontenttype",
+        "dataschema" => "ce_dataschema",
+        "partitionkey" => "ce_partitionkey",
+        other => return std::borrow::Cow::Owned(format!("ce_{other}")),
+    })
+}
+
+/// Maps a producer error to retryable or permanent.
+pub fn classify(error: KafkaError) -> SinkError {
+    use RDKafkaErrorCode as C;
+    let code = error.rdkafka_error_code();
+    let permanent = matches!(
+        code,
+        Some(
+            C::UnknownTopicOrPartition
+                | C::UnknownTopic
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidRecord
+                | C::InvalidTopic
+                | C::InvalidRequiredAcks
+                | C::SaslAuthenticationFailed
+                | C::Authentication
+        )
+    );
+    let reason = match code {
+        Some(C::UnknownTopicOrPartition | C::UnknownTopic) => "unknown_topic",
+        Some(
+            C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::Authentication,
+        ) => "not_authorized",
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize) => "too_large",
+        Some(C::MessageTimedOut | C::RequestTimedOut) => "timeout",
+        Some(C::NotLeaderForPartition | C::LeaderNotAvailable) => "leader_change",
+        Some(C::QueueFull) => "queue_full",
+        Some(
+            C::AllBrokersDown
+            | C::BrokerNotAvailable
+            | C::BrokerTransportFailure
+            | C::NetworkException,
+        ) => "broker_down",
+        _ if permanent => "rejected",
+        _ => "produce_failed",
+    };
+    let message = error.to_string();
+    let sink_error = if permanent {
+        SinkError::permanent(reason, message)
+    } else {
+        SinkError::retryable(reason, message)
+    };
+    sink_error.with_source(error)
+}
+
+#[async_trait]
+impl Sink for KafkaSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn publish(&self, event: &Event) -> Result<(), SinkError> {
+        let topic = self.topic.render_with(event, topic_value);
+        let key = match &self.key {
+            Some(template) => std::borrow::Cow::Owned(template.render(event)),
+            None => std::borrow::Cow::Borrowed(event.partition_key()),
+        };
+        let payload = match self.content_mode {
+            ContentMode::Binary => event.data_json(),
+            ContentMode::Structured => event.envelope_json(),
+        };
+        let record = FutureRecord::to(&topic)
+            .key(key.as_ref())
+            .payload(payload.as_ref())
+            .headers(self.headers(event));
+        // Waiting for room in a full local queue counts against the same deadline.
+        self.producer
+            .send(record, Timeout::After(self.message_timeout))
+            .await
+            .map(|_| ())
+            .map_err(|(error, _)| classify(error))
+    }
+
+    async fn health(&self) -> Result<(), SinkError> {
+        let producer = self.producer.clone();
+        // fetch_metadata blocks: keep it off the runtime's workers.
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(2))
+                .map(|_| ())
+        })
+        .await
+        .map_err(|e| SinkError::retryable("health_check", e.to_string()))?
+        .map_err(|e| {
+            SinkError::retryable(
+                "broker_down",
+                format!("no Kafka broker answered a metadata request: {e}"),
+            )
+            .with_source(e)
+        })
+    }
+
+    async fn drain(&self) -> Result<(), SinkError> {
+        let producer = self.producer.clone();
+        let timeout = self.message_timeout;
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
+            .await
+            .map_err(|e| SinkError::retryable("flush_failed", e.to_string()))?
+            .map_err(|e| SinkError::retryable("flush_failed", e.to_string()).with_source(e))
+    }
+}
+
+/// Keeps the sink's type usable behind `Arc<dyn Sink>` (the producer is cheap to clone).
+pub type SharedKafkaSink = Arc<KafkaSink>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_properties_never_print() {
+        let p = Properties(BTreeMap::from([
+            ("sasl.password".to_owned(), "hunter2".to_owned()),
+            ("compression.type".to_owned(), "lz4".to_owned()),
+        ]));
+        let shown = format!("{p:?} {}", serde_json::to_string(&p).unwrap());
+        assert!(
+            !shown.contains("hunter2") && shown.contains("lz4"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn topic_values_are_safe() {
+        let mut out = String::new();
+        topic_value("a b/ñ.c", &mut out);
+        assert_eq!(out, "a_b__.c");
+    }
+
+    #[test]
+    fn classification() {
+        let e = classify(KafkaError::MessageProduction(
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ));
+        assert!(!e.is_retryable() && e.reason() == "unknown_topic");
+        let e = classify(KafkaError::MessageProduction(
+            RDKafkaErrorCode::NotLeaderForPartition,
+        ));
+        assert!(e.is_retryable() && e.reason() == "leader_change");
+        let e = classify(KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageTimedOut,
+        ));
+        assert!(e.is_retryable() && e.reason() == "timeout");
+    }
+}

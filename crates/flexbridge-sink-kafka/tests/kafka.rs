@@ -1,0 +1,216 @@
+//! The `kafka` sink: error classification through librdkafka's mock cluster (faults a real
+//! broker cannot give on demand), and round-trips against the real Kafka-protocol broker
+//! that scripts/kafka.sh starts (FLEXBRIDGE_KAFKA_BROKERS). A missing broker fails these
+//! tests; they never skip.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use flexbridge_core::{ContentMode, EventKind, Sink};
+use flexbridge_sink_kafka::{KafkaSink, KafkaSinkConfig, Properties};
+use flexbridge_testkit::{event, every_kind, unique};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::ClientConfig;
+use std::collections::HashMap;
+use std::time::Duration;
+
+fn config(brokers: String, topic: String) -> KafkaSinkConfig {
+    KafkaSinkConfig {
+        name: "kafka".to_owned(),
+        brokers,
+        topic,
+        key: None,
+        content_mode: ContentMode::Binary,
+        message_timeout: Duration::from_secs(5),
+        linger: Duration::from_millis(2),
+        properties: Properties::default(),
+    }
+}
+
+#[tokio::test]
+async fn an_injected_permanent_error_is_permanent() {
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("fb-mock", 1, 1).unwrap();
+    let sink = KafkaSink::connect(&config(mock.bootstrap_servers(), "fb-mock".into())).unwrap();
+    sink.publish(&event(EventKind::ChannelCreated, 1))
+        .await
+        .unwrap();
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+    );
+    let err = sink
+        .publish(&event(EventKind::ChannelCreated, 2))
+        .await
+        .unwrap_err();
+    assert!(!err.is_retryable(), "{err}");
+    assert_eq!(err.reason(), "not_authorized");
+}
+
+#[tokio::test]
+async fn an_injected_retryable_error_is_retryable() {
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic("fb-mock", 1, 1).unwrap();
+    let mut c = config(mock.bootstrap_servers(), "fb-mock".into());
+    c.message_timeout = Duration::from_secs(1);
+    let sink = KafkaSink::connect(&c).unwrap();
+    sink.publish(&event(EventKind::ChannelCreated, 1))
+        .await
+        .unwrap();
+    // A leader that keeps moving: librdkafka retries until the message times out.
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 500],
+    );
+    let err = sink
+        .publish(&event(EventKind::ChannelCreated, 2))
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    mock.clear_request_errors(RDKafkaApiKey::Produce);
+    sink.publish(&event(EventKind::ChannelCreated, 3))
+        .await
+        .unwrap();
+}
+
+fn brokers() -> String {
+    std::env::var("FLEXBRIDGE_KAFKA_BROKERS")
+        .expect("FLEXBRIDGE_KAFKA_BROKERS is not set: scripts/test.sh starts a Kafka-protocol broker (scripts/kafka.sh) and sets it")
+}
+
+async fn create_topics(names: &[String]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let topics: Vec<NewTopic> = names
+        .iter()
+        .map(|n| NewTopic::new(n, 3, TopicReplication::Fixed(1)))
+        .collect();
+    let results = admin
+        .create_topics(&topics, &AdminOptions::new())
+        .await
+        .unwrap();
+    for r in results {
+        r.unwrap();
+    }
+}
+
+/// Every record of `topics`, as (topic, partition, key, value, headers).
+type Record = (String, i32, String, Vec<u8>, HashMap<String, String>);
+
+fn read_all(topics: &[String], expected: usize) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("fbtest-group"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names).unwrap();
+    let mut out = Vec::new();
+    let started = std::time::Instant::now();
+    while out.len() < expected && started.elapsed() < Duration::from_secs(30) {
+        if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+            let m = message.unwrap();
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_owned(),
+                                String::from_utf8(h.value.unwrap_or_default().to_vec()).unwrap(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push((
+                m.topic().to_owned(),
+                m.partition(),
+                String::from_utf8(m.key().unwrap_or_default().to_vec()).unwrap(),
+                m.payload().unwrap_or_default().to_vec(),
+                headers,
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_type_round_trips_with_headers_key_and_topic() {
+    let prefix = unique("fbtest.");
+    let topics: Vec<String> = EventKind::ALL
+        .iter()
+        .map(|k| format!("{prefix}.{}", k.short_name()))
+        .collect();
+    create_topics(&topics).await;
+    let sink = KafkaSink::connect(&config(brokers(), format!("{prefix}.{{event}}"))).unwrap();
+    sink.health().await.unwrap();
+    let events = every_kind();
+    for e in &events {
+        sink.publish(e).await.unwrap();
+    }
+    let records = read_all(&topics, events.len());
+    assert_eq!(records.len(), events.len());
+    for e in &events {
+        let (topic, _, key, value, headers) = records
+            .iter()
+            .find(|r| r.4.get("ce_id").map(String::as_str) == Some(e.id()))
+            .unwrap();
+        assert_eq!(topic, &format!("{prefix}.{}", e.kind().short_name()));
+        assert_eq!(key, e.partition_key());
+        assert_eq!(value.as_slice(), &e.data_json()[..]);
+        for (name, v) in e.attributes() {
+            assert_eq!(
+                headers.get(&format!("ce_{name}")).map(String::as_str),
+                Some(v),
+                "ce_{name}"
+            );
+        }
+        assert_eq!(
+            headers.get("content-type").map(String::as_str),
+            Some("application/json")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_mode_round_trips_as_a_cloudevent() {
+    let topic = unique("fbtest-structured.");
+    create_topics(std::slice::from_ref(&topic)).await;
+    let mut c = config(brokers(), topic.clone());
+    c.content_mode = ContentMode::Structured;
+    let sink = KafkaSink::connect(&c).unwrap();
+    let e = event(EventKind::ParticipantJoined, 1);
+    sink.publish(&e).await.unwrap();
+    let records = read_all(std::slice::from_ref(&topic), 1);
+    let (_, _, key, value, headers) = &records[0];
+    assert_eq!(key, e.partition_key());
+    assert_eq!(
+        headers.get("content-type").map(String::as_str),
+        Some("application/cloudevents+json; charset=UTF-8")
+    );
+    let envelope: serde_json::Value = serde_json::from_slice(value).unwrap();
+    assert_eq!(envelope["id"], e.id());
+    assert_eq!(envelope["specversion"], "1.0");
+    assert_eq!(envelope["data"]["participant_type"], "agent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_topic_is_a_permanent_error() {
+    let mut c = config(brokers(), unique("fbtest-missing."));
+    c.message_timeout = Duration::from_secs(3);
+    let sink = KafkaSink::connect(&c).unwrap();
+    let err = sink
+        .publish(&event(EventKind::ChannelCreated, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "unknown_topic", "{err}");
+    assert!(!err.is_retryable());
+}
