@@ -149,6 +149,12 @@ fn the_topic_template_routes_by_event_type() {
     let summary = simulate(&d, PATH, TOKEN, 40, &["--concurrency", "4"]);
     assert_eq!(summary["status"]["200"], 40, "{summary}");
     assert_eq!(read(&brokers(), &topics_for(&prefix), 40).len(), 40);
+    // The producer queue depth is exported for operators (sampled by the health loop).
+    let metrics = get(d.admin, "/metrics").text();
+    assert!(
+        metrics.contains("flexbridge_sink_queue_depth{sink=\"kafka\"}"),
+        "{metrics}"
+    );
 }
 
 /// The broker is down when the daemon starts: it starts anyway, is not ready, answers 503

@@ -42,6 +42,9 @@ pub struct Metrics {
     pub sink_reconnections: IntCounterVec,
     /// `flexbridge_sink_returned_total{sink}`: messages the broker returned as unroutable.
     pub sink_returned: IntCounterVec,
+    /// `flexbridge_sink_queue_depth{sink}`: records waiting in the client library for the
+    /// broker (Kafka producer queue), sampled at each health check.
+    pub sink_queue_depth: IntGaugeVec,
     /// `flexbridge_info{version,signature_verification}`: always 1; the labels say how this
     /// process runs (`signature_verification` is `enabled` or `disabled`).
     pub info: IntGaugeVec,
@@ -121,6 +124,13 @@ impl Metrics {
                 ),
                 &["sink"],
             )?,
+            sink_queue_depth: IntGaugeVec::new(
+                Opts::new(
+                    "flexbridge_sink_queue_depth",
+                    "Records waiting in the client library for the broker, sampled at each health check.",
+                ),
+                &["sink"],
+            )?,
             info: IntGaugeVec::new(
                 Opts::new("flexbridge_info", "Constant 1; labels describe this process."),
                 &["version", "signature_verification"],
@@ -138,6 +148,7 @@ impl Metrics {
         registry.register(Box::new(m.sink_duplicates.clone()))?;
         registry.register(Box::new(m.sink_reconnections.clone()))?;
         registry.register(Box::new(m.sink_returned.clone()))?;
+        registry.register(Box::new(m.sink_queue_depth.clone()))?;
         registry.register(Box::new(m.info.clone()))?;
         Ok(m)
     }
@@ -156,6 +167,7 @@ impl Metrics {
             duplicates: self.sink_duplicates.with_label_values(&[sink]),
             reconnections: self.sink_reconnections.with_label_values(&[sink]),
             returned: self.sink_returned.with_label_values(&[sink]),
+            queue_depth: self.sink_queue_depth.with_label_values(&[sink]),
             failures: self.sink_failures.clone(),
             sink: sink.to_owned(),
         }
@@ -179,6 +191,8 @@ pub struct SinkMetrics {
     pub reconnections: IntCounter,
     /// Unroutable messages returned by the broker.
     pub returned: IntCounter,
+    /// Records queued in the client library.
+    pub queue_depth: IntGauge,
     failures: IntCounterVec,
     sink: String,
 }

@@ -5,6 +5,7 @@
 //! in order in their partition.
 
 use async_trait::async_trait;
+use flexbridge_core::metrics::{Metrics, SinkMetrics};
 use flexbridge_core::route::Template;
 use flexbridge_core::schema::v1::STRUCTURED_CONTENT_TYPE;
 use flexbridge_core::{ContentMode, Event, Sink, SinkError};
@@ -16,7 +17,6 @@ use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// librdkafka properties passed through (TLS, SASL, tuning). Values of keys that hold
@@ -187,12 +187,13 @@ pub struct KafkaSink {
     key: Option<Template>,
     content_mode: ContentMode,
     message_timeout: Duration,
+    metrics: SinkMetrics,
 }
 
 impl KafkaSink {
     /// Builds the producer. A broker that is down is not an error: librdkafka keeps trying,
     /// and the health check reports it.
-    pub fn connect(config: &KafkaSinkConfig) -> Result<Self, KafkaSinkError> {
+    pub fn connect(config: &KafkaSinkConfig, metrics: &Metrics) -> Result<Self, KafkaSinkError> {
         let errors = config.validate();
         if !errors.is_empty() {
             return Err(KafkaSinkError::Config(errors));
@@ -223,6 +224,7 @@ impl KafkaSink {
             key: config.key.as_deref().map(parse).transpose()?,
             content_mode: config.content_mode,
             message_timeout: config.message_timeout,
+            metrics: metrics.for_sink(&config.name),
         })
     }
 
@@ -348,6 +350,9 @@ impl Sink for KafkaSink {
     }
 
     async fn health(&self) -> Result<(), SinkError> {
+        self.metrics
+            .queue_depth
+            .set(i64::from(self.producer.in_flight_count()));
         let producer = self.producer.clone();
         // fetch_metadata blocks: keep it off the runtime's workers.
         tokio::task::spawn_blocking(move || {
@@ -376,9 +381,6 @@ impl Sink for KafkaSink {
             .map_err(|e| SinkError::retryable("flush_failed", e.to_string()).with_source(e))
     }
 }
-
-/// Keeps the sink's type usable behind `Arc<dyn Sink>` (the producer is cheap to clone).
-pub type SharedKafkaSink = Arc<KafkaSink>;
 
 #[cfg(test)]
 mod tests {

@@ -17,6 +17,10 @@ use rdkafka::ClientConfig;
 use std::collections::HashMap;
 use std::time::Duration;
 
+fn metrics() -> flexbridge_core::metrics::Metrics {
+    flexbridge_core::metrics::Metrics::register(&prometheus::Registry::new()).unwrap()
+}
+
 fn config(brokers: String, topic: String) -> KafkaSinkConfig {
     KafkaSinkConfig {
         name: "kafka".to_owned(),
@@ -34,7 +38,11 @@ fn config(brokers: String, topic: String) -> KafkaSinkConfig {
 async fn an_injected_permanent_error_is_permanent() {
     let mock = MockCluster::new(1).unwrap();
     mock.create_topic("fb-mock", 1, 1).unwrap();
-    let sink = KafkaSink::connect(&config(mock.bootstrap_servers(), "fb-mock".into())).unwrap();
+    let sink = KafkaSink::connect(
+        &config(mock.bootstrap_servers(), "fb-mock".into()),
+        &metrics(),
+    )
+    .unwrap();
     sink.publish(&event(EventKind::ChannelCreated, 1))
         .await
         .unwrap();
@@ -56,7 +64,7 @@ async fn an_injected_retryable_error_is_retryable() {
     mock.create_topic("fb-mock", 1, 1).unwrap();
     let mut c = config(mock.bootstrap_servers(), "fb-mock".into());
     c.message_timeout = Duration::from_secs(1);
-    let sink = KafkaSink::connect(&c).unwrap();
+    let sink = KafkaSink::connect(&c, &metrics()).unwrap();
     sink.publish(&event(EventKind::ChannelCreated, 1))
         .await
         .unwrap();
@@ -150,7 +158,11 @@ async fn every_event_type_round_trips_with_headers_key_and_topic() {
         .map(|k| format!("{prefix}.{}", k.short_name()))
         .collect();
     create_topics(&topics).await;
-    let sink = KafkaSink::connect(&config(brokers(), format!("{prefix}.{{event}}"))).unwrap();
+    let sink = KafkaSink::connect(
+        &config(brokers(), format!("{prefix}.{{event}}")),
+        &metrics(),
+    )
+    .unwrap();
     sink.health().await.unwrap();
     let events = every_kind();
     for e in &events {
@@ -186,7 +198,7 @@ async fn structured_mode_round_trips_as_a_cloudevent() {
     create_topics(std::slice::from_ref(&topic)).await;
     let mut c = config(brokers(), topic.clone());
     c.content_mode = ContentMode::Structured;
-    let sink = KafkaSink::connect(&c).unwrap();
+    let sink = KafkaSink::connect(&c, &metrics()).unwrap();
     let e = event(EventKind::ParticipantJoined, 1);
     sink.publish(&e).await.unwrap();
     let records = read_all(std::slice::from_ref(&topic), 1);
@@ -206,7 +218,7 @@ async fn structured_mode_round_trips_as_a_cloudevent() {
 async fn an_unknown_topic_is_a_permanent_error() {
     let mut c = config(brokers(), unique("fbtest-missing."));
     c.message_timeout = Duration::from_secs(3);
-    let sink = KafkaSink::connect(&c).unwrap();
+    let sink = KafkaSink::connect(&c, &metrics()).unwrap();
     let err = sink
         .publish(&event(EventKind::ChannelCreated, 1))
         .await

@@ -42,7 +42,7 @@ pub async fn open_sinks(
                     .await
                     .with_context(context)?,
             ),
-            SinkConfig::Kafka(c) => Arc::new(KafkaSink::connect(c).with_context(context)?),
+            SinkConfig::Kafka(c) => Arc::new(KafkaSink::connect(c, metrics).with_context(context)?),
         });
     }
     Ok(sinks)
