@@ -6,9 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/services.sh
-# A real Kafka-protocol broker (tansu; built once, then cached) for the Kafka tests.
-eval "$(scripts/kafka.sh start)"
-trap 'scripts/kafka.sh stop' EXIT
+# A real Kafka-protocol broker (tansu; built once, then cached) for the Kafka tests, unless
+# FLEXBRIDGE_KAFKA_BROKERS already names one.
+if [ -z "${FLEXBRIDGE_KAFKA_BROKERS:-}" ]; then
+  eval "$(scripts/kafka.sh start)"
+  trap 'scripts/kafka.sh stop' EXIT
+fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
