@@ -19,5 +19,5 @@ pub use delivery::{Delivery, DeliveryConfig, DeliveryError};
 pub use event::{EventKind, InteractionEvent};
 pub use schema::v1::{normalize, ContentMode, Event, NormalizeError};
 pub use secret::Secret;
-pub use sink::{Sink, SinkError};
+pub use sink::{Retry, Sink, SinkError};
 pub use webhook::{Attestation, Verified, WebhookRequest};

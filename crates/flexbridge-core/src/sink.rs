@@ -34,24 +34,24 @@ impl fmt::Display for SinkError {
 }
 
 impl SinkError {
-    /// A failure that may succeed on a later attempt.
-    pub fn retryable(reason: &'static str, message: impl Into<String>) -> Self {
+    /// A failure whose retry class is decided at run time.
+    pub fn new(retry: Retry, reason: &'static str, message: impl Into<String>) -> Self {
         Self {
-            retry: Retry::Retryable,
+            retry,
             reason,
             message: message.into(),
             source: None,
         }
     }
 
+    /// A failure that may succeed on a later attempt.
+    pub fn retryable(reason: &'static str, message: impl Into<String>) -> Self {
+        Self::new(Retry::Retryable, reason, message)
+    }
+
     /// A failure that will not succeed on a later attempt.
     pub fn permanent(reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            retry: Retry::Permanent,
-            reason,
-            message: message.into(),
-            source: None,
-        }
+        Self::new(Retry::Permanent, reason, message)
     }
 
     /// Attaches the underlying error.

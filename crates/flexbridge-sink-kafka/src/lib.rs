@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use flexbridge_core::metrics::{Metrics, SinkMetrics};
 use flexbridge_core::route::Template;
 use flexbridge_core::schema::v1::STRUCTURED_CONTENT_TYPE;
-use flexbridge_core::{ContentMode, Event, Sink, SinkError};
+use flexbridge_core::{ContentMode, Event, Retry, Sink, SinkError};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -309,12 +309,12 @@ pub fn classify(error: KafkaError) -> SinkError {
         _ => "produce_failed",
     };
     let message = error.to_string();
-    let sink_error = if permanent {
-        SinkError::permanent(reason, message)
+    let retry = if permanent {
+        Retry::Permanent
     } else {
-        SinkError::retryable(reason, message)
+        Retry::Retryable
     };
-    sink_error.with_source(error)
+    SinkError::new(retry, reason, message).with_source(error)
 }
 
 #[async_trait]

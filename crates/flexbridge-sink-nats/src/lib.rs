@@ -18,7 +18,7 @@ use flexbridge_core::metrics::{Metrics, SinkMetrics};
 use flexbridge_core::route::Template;
 use flexbridge_core::schema::v1::STRUCTURED_CONTENT_TYPE;
 use flexbridge_core::secret::redact_url;
-use flexbridge_core::{ContentMode, Event, EventKind, Sink, SinkError};
+use flexbridge_core::{ContentMode, Event, EventKind, Retry, Sink, SinkError};
 use percent_encoding::{AsciiSet, CONTROLS};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -284,12 +284,12 @@ fn classify(error: PublishError) -> SinkError {
         }
         _ => error.to_string(),
     };
-    let sink_error = if retryable {
-        SinkError::retryable(reason, message)
+    let retry = if retryable {
+        Retry::Retryable
     } else {
-        SinkError::permanent(reason, message)
+        Retry::Permanent
     };
-    sink_error.with_source(error)
+    SinkError::new(retry, reason, message).with_source(error)
 }
 
 #[async_trait]

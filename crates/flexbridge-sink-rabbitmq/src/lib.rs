@@ -16,7 +16,7 @@ use flexbridge_core::retry::Backoff;
 use flexbridge_core::route::Template;
 use flexbridge_core::schema::v1::{DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE};
 use flexbridge_core::secret::redact_url;
-use flexbridge_core::{ContentMode, Event, Sink, SinkError};
+use flexbridge_core::{ContentMode, Event, Retry, Sink, SinkError};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
@@ -54,18 +54,14 @@ struct Shared {
 
 #[derive(Clone)]
 struct SinkErrorInfo {
-    retryable: bool,
+    retry: Retry,
     reason: &'static str,
     message: String,
 }
 
 impl SinkErrorInfo {
     fn to_error(&self) -> SinkError {
-        if self.retryable {
-            SinkError::retryable(self.reason, self.message.clone())
-        } else {
-            SinkError::permanent(self.reason, self.message.clone())
-        }
+        SinkError::new(self.retry, self.reason, self.message.clone())
     }
 }
 
@@ -107,7 +103,7 @@ impl RabbitMqSink {
         let shared = Arc::new(Shared {
             link: RwLock::new(None),
             problem: RwLock::new(Some(SinkErrorInfo {
-                retryable: true,
+                retry: Retry::Retryable,
                 reason: "disconnected",
                 message: "not connected to RabbitMQ yet".to_owned(),
             })),
@@ -142,7 +138,7 @@ impl RabbitMqSink {
 
     fn current(&self) -> Result<Arc<Link>, SinkError> {
         let problem = self.shared.problem.read().ok().and_then(|p| p.clone());
-        if let Some(problem) = problem.as_ref().filter(|p| !p.retryable) {
+        if let Some(problem) = problem.as_ref().filter(|p| p.retry == Retry::Permanent) {
             // A topology problem: publishing would fail (and close the channel) anyway.
             return Err(problem.to_error());
         }
@@ -364,7 +360,7 @@ async fn maintain(
                     set_problem(
                         &shared,
                         Some(SinkErrorInfo {
-                            retryable: true,
+                            retry: Retry::Retryable,
                             reason: "disconnected",
                             message: "the RabbitMQ connection was lost; reconnecting".to_owned(),
                         }),
@@ -383,7 +379,7 @@ async fn maintain(
                 set_problem(
                     &shared,
                     Some(SinkErrorInfo {
-                        retryable: true,
+                        retry: Retry::Retryable,
                         reason: "disconnected",
                         message: format!("cannot connect to RabbitMQ at {uri}: {message}"),
                     }),
@@ -428,7 +424,7 @@ async fn establish(
         match outcome {
             Ok(()) => None,
             Err(error) if config.declare.is_none() => Some(SinkErrorInfo {
-                retryable: false,
+                retry: Retry::Permanent,
                 reason: "exchange_missing",
                 message: format!(
                     "exchange {:?} does not exist on RabbitMQ ({error}): create it, or let flexbridge declare it with the sink's `declare` settings",
@@ -436,7 +432,7 @@ async fn establish(
                 ),
             }),
             Err(error) => Some(SinkErrorInfo {
-                retryable: false,
+                retry: Retry::Permanent,
                 reason: "topology",
                 message: format!("declaring the topology failed: {error}"),
             }),
