@@ -164,13 +164,13 @@ impl Ingress {
     }
 
     /// Accepts connections until `shutdown` resolves, then stops accepting and lets in-flight
-    /// requests finish for up to `grace`. Returns the number of connections cut at the end.
+    /// requests finish for up to `grace`. Returns whether every in-flight request finished.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
         grace: Duration,
-    ) -> usize {
+    ) -> bool {
         let graceful = GracefulShutdown::new();
         let mut builder = http1::Builder::new();
         builder
@@ -207,13 +207,13 @@ impl Ingress {
         drop(listener);
         let open = graceful.count();
         tracing::info!(open_connections = open, grace = %humantime::format_duration(grace), "webhook listener closed; finishing in-flight requests");
-        match tokio::time::timeout(grace, graceful.shutdown()).await {
-            Ok(()) => 0,
-            Err(_) => {
-                tracing::warn!("grace period over with requests still in flight; cutting them");
-                1
-            }
+        let finished = tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_ok();
+        if !finished {
+            tracing::warn!("grace period over with requests still in flight; cutting them");
         }
+        finished
     }
 
     /// Handles one request. Never panics on input and never answers 500.

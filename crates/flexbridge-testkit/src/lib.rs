@@ -200,15 +200,11 @@ impl TcpProxy {
     }
 }
 
-/// The sink contract under a proxy that adds `delay` to every broker-to-client packet:
-/// `count` concurrent publishes must all succeed. Returns how long they took, which a
-/// pipelining sink keeps near one `delay` (a serializing one needs `count` of them).
-pub async fn publish_concurrently_through_delay(
-    sink: Arc<dyn Sink>,
-    proxy: &TcpProxy,
-    delay: Duration,
-    count: u32,
-) -> Duration {
+/// The sink contract under a proxy that adds 200 ms to every broker-to-client packet: 50
+/// concurrent publishes must all succeed within 2 s, which a pipelining sink does in about
+/// one delay and a serializing one cannot (it needs 50 of them).
+pub async fn assert_publishes_pipelined(sink: Arc<dyn Sink>, proxy: &TcpProxy) {
+    let (delay, count) = (Duration::from_millis(200), 50u32);
     proxy.delay_responses(delay);
     let started = tokio::time::Instant::now();
     let tasks: Vec<_> = (0..count)
@@ -223,7 +219,11 @@ pub async fn publish_concurrently_through_delay(
         task.await.unwrap().unwrap();
     }
     proxy.delay_responses(Duration::ZERO);
-    started.elapsed()
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "{count} publishes took {elapsed:?}: serialized"
+    );
 }
 
 /// The sink contract when the connection is cut under load: three rounds of 40 concurrent

@@ -140,7 +140,7 @@ pub async fn start_on(
             },
             shutdown.grace_period,
         );
-        let cut = serving.await;
+        let all_finished = serving.await;
         let mut failed = false;
         for (sink, result) in delivery.drain(shutdown.drain_timeout).await {
             match result {
@@ -152,7 +152,7 @@ pub async fn start_on(
             }
         }
         let _ = finished.send(true);
-        if cut > 0 || failed {
+        if !all_finished || failed {
             tracing::warn!("shutdown finished with requests cut or sinks not drained");
         } else {
             tracing::info!("shutdown complete");
