@@ -65,9 +65,19 @@ async fn an_injected_retryable_error_is_retryable() {
     let mut c = config(mock.bootstrap_servers(), "fb-mock".into());
     c.message_timeout = Duration::from_secs(1);
     let sink = KafkaSink::connect(&c, &metrics()).unwrap();
-    sink.publish(&event(EventKind::ChannelCreated, 1))
+    // Set-up: the first publish also connects and initialises the idempotent producer, which
+    // can take longer than the short 1 s timeout this test needs on a loaded machine.
+    let started = std::time::Instant::now();
+    while sink
+        .publish(&event(EventKind::ChannelCreated, 1))
         .await
-        .unwrap();
+        .is_err()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the producer never became ready"
+        );
+    }
     // A leader that keeps moving: librdkafka retries until the message times out.
     mock.request_errors(
         RDKafkaApiKey::Produce,
