@@ -369,6 +369,16 @@ fn a_sink_that_cannot_write_gives_503_with_retry_after_and_nothing_acknowledged(
         l["level"] == "ERROR" && l["reason"] == "sink_unavailable"
     });
     assert!(line["error"].as_str().unwrap().contains("full"), "{line}");
+    // The line names the event an operator has to recover.
+    assert_eq!(
+        line["interaction_sid"], "KD0000000000000000000000000000000e",
+        "{line}"
+    );
+    assert_eq!(
+        line["event_type"], "com.twilio.flex.interactions.channel.status_updated",
+        "{line}"
+    );
+    assert_eq!(line["event_id"].as_str().map(str::len), Some(32), "{line}");
     assert_eq!(
         daemon.metric("flexbridge_sink_failures_total{reason=\"io\",sink=\"full\"}"),
         1.0

@@ -47,18 +47,18 @@ pub fn simulate(
     count: u32,
     extra: &[&str],
 ) -> serde_json::Value {
+    let count = count.to_string();
+    let mut args = vec!["--count", count.as_str()];
+    args.extend_from_slice(extra);
+    simulate_with(&daemon.url(path), token, &args)
+}
+
+/// Runs `flexbridge simulate --url URL` with these arguments and returns its JSON summary.
+pub fn simulate_with(url: &str, token: &str, args: &[&str]) -> serde_json::Value {
     let output = Command::new(binary())
-        .args([
-            "simulate",
-            "--url",
-            &daemon.url(path),
-            "--auth-token",
-            token,
-            "--count",
-        ])
-        .arg(count.to_string())
+        .args(["simulate", "--url", url, "--auth-token", token])
         .args(["--json-summary", "--no-progress"])
-        .args(extra)
+        .args(args)
         .output()
         .unwrap();
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
@@ -68,6 +68,92 @@ pub fn simulate(
             String::from_utf8_lossy(&output.stderr)
         )
     })
+}
+
+/// The testkit's TCP proxy in front of `upstream` (`host:port`), on a runtime of its own so
+/// that blocking tests can cut and restore it.
+pub struct Proxy {
+    /// The proxy.
+    pub proxy: flexbridge_testkit::TcpProxy,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Proxy {
+    /// Starts proxying to `upstream`.
+    pub fn start(upstream: &str) -> Self {
+        use std::net::ToSocketAddrs;
+        let upstream = upstream.to_socket_addrs().unwrap().next().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let proxy = runtime.block_on(flexbridge_testkit::TcpProxy::start(upstream));
+        Self {
+            proxy,
+            _runtime: runtime,
+        }
+    }
+
+    /// `host:port` of the proxy.
+    pub fn addr(&self) -> String {
+        self.proxy.addr.to_string()
+    }
+}
+
+/// `host:port` of a broker URL such as `amqp://user:pw@host:5672/%2f` or `nats://host:4222`.
+pub fn authority(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.split('/').next().unwrap_or(rest);
+    rest.rsplit_once('@').map_or(rest, |(_, host)| host)
+}
+
+/// Steady signed traffic (`rate` requests per second for `duration`, eight connections) while
+/// the proxy cuts every broker connection from `cut_at` for `cut_for`; returns the simulator's
+/// summary.
+pub fn traffic_through_cut(
+    daemon: &Daemon,
+    path: &str,
+    token: &str,
+    proxy: &Proxy,
+    (duration, rate): (Duration, u32),
+    (cut_at, cut_for): (Duration, Duration),
+) -> serde_json::Value {
+    let url = daemon.url(path);
+    let token = token.to_owned();
+    let secs = format!("{}ms", duration.as_millis());
+    let traffic = std::thread::spawn(move || {
+        simulate_with(
+            &url,
+            &token,
+            &[
+                "--duration",
+                &secs,
+                "--rate",
+                &rate.to_string(),
+                "--concurrency",
+                "8",
+            ],
+        )
+    });
+    std::thread::sleep(cut_at);
+    proxy.proxy.cut();
+    std::thread::sleep(cut_for);
+    proxy.proxy.restore();
+    traffic.join().unwrap()
+}
+
+/// Waits until `/readyz` answers 200 (at most 15 s).
+pub fn wait_ready(daemon: &Daemon) {
+    let started = Instant::now();
+    while get(daemon.admin, "/readyz").status != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "not ready: {}",
+            get(daemon.admin, "/readyz").text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Owned parameters from literals.

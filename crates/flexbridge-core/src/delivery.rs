@@ -6,6 +6,7 @@ use crate::retry::{Backoff, BackoffError, RetryPolicy};
 use crate::schema::v1::Event;
 use crate::sink::{Sink, SinkError};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,14 +17,17 @@ use tokio::time::Instant;
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
     /// Longest time a webhook waits for every sink to confirm, retries included, before it is
-    /// answered 503. Keep it below Twilio's 15 s request timeout.
+    /// answered 503. Keep it below Twilio's 15 s request timeout. Retryable failures are
+    /// retried until this deadline, not for a fixed number of attempts.
     #[serde(with = "humantime_serde")]
     pub ack_timeout: Duration,
     /// Limit for one publish attempt; a slower attempt is a retryable timeout.
     #[serde(with = "humantime_serde")]
     pub attempt_timeout: Duration,
-    /// Attempts per sink and event, the first included.
-    pub max_attempts: u32,
+    /// Optional cap on attempts per sink and event, the first included. Unset (the default),
+    /// a retryable failure is retried until the deadline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
     /// Delay before the first retry.
     #[serde(with = "humantime_serde")]
     pub initial_backoff: Duration,
@@ -32,8 +36,47 @@ pub struct DeliveryConfig {
     pub max_backoff: Duration,
     /// Factor by which the delay grows after each retry (at least 1).
     pub backoff_multiplier: f64,
-    /// Share of each delay, 0 to 1, taken off at random so retries spread out.
+    /// Share of each delay, 0 to 1, taken off at random so retries spread out; 1 (the
+    /// default) is "full jitter": a delay anywhere between zero and the exponential value.
     pub backoff_jitter: f64,
+    /// `[delivery.sinks.<name>]`: per-sink overrides of the retry settings above.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub sinks: BTreeMap<String, RetryOverrides>,
+}
+
+/// The retry settings of one sink: `[delivery]` with that sink's overrides applied.
+#[derive(Debug, Clone, PartialEq)]
+struct RetrySettings {
+    attempt_timeout: Duration,
+    max_attempts: Option<u32>,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    backoff_multiplier: f64,
+    backoff_jitter: f64,
+}
+
+/// `[delivery.sinks.<name>]`: the settings of [`RetrySettings`] one sink overrides.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryOverrides {
+    /// Limit for one publish attempt of this sink.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub attempt_timeout: Option<Duration>,
+    /// Cap on attempts for this sink.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Delay before this sink's first retry.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub initial_backoff: Option<Duration>,
+    /// Longest delay between two attempts of this sink.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub max_backoff: Option<Duration>,
+    /// Growth factor of this sink's delays.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backoff_multiplier: Option<f64>,
+    /// Jitter of this sink's delays.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backoff_jitter: Option<f64>,
 }
 
 impl Default for DeliveryConfig {
@@ -41,11 +84,12 @@ impl Default for DeliveryConfig {
         Self {
             ack_timeout: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(5),
-            max_attempts: 3,
+            max_attempts: None,
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(1),
             backoff_multiplier: 2.0,
-            backoff_jitter: 0.2,
+            backoff_jitter: 1.0,
+            sinks: BTreeMap::new(),
         }
     }
 }
@@ -54,28 +98,51 @@ impl Default for DeliveryConfig {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DeliveryConfigError {
     /// Bad backoff values.
-    #[error(transparent)]
-    Backoff(#[from] BackoffError),
+    #[error("{scope}{0}", scope = Scope(.1))]
+    Backoff(BackoffError, Option<String>),
     /// `max_attempts` is zero.
-    #[error("max_attempts must be at least 1")]
-    NoAttempts,
+    #[error("{scope}max_attempts must be at least 1", scope = Scope(.0))]
+    NoAttempts(Option<String>),
     /// A timeout is zero.
-    #[error("{0} must be greater than zero")]
-    ZeroTimeout(&'static str),
+    #[error("{scope}{0} must be greater than zero", scope = Scope(.1))]
+    ZeroTimeout(&'static str, Option<String>),
+    /// `[delivery.sinks.<name>]` names no configured sink.
+    #[error("sinks.{0}: there is no sink named {0:?}")]
+    UnknownSink(String),
 }
 
-impl DeliveryConfig {
-    /// Validates the settings and builds the retry policy; reports every problem.
-    pub fn policy(&self) -> Result<RetryPolicy, Vec<DeliveryConfigError>> {
-        let mut errors = Vec::new();
-        if self.max_attempts == 0 {
-            errors.push(DeliveryConfigError::NoAttempts);
+/// `sinks.<name>.` before a per-sink error, nothing before a global one.
+struct Scope<'a>(&'a Option<String>);
+
+impl fmt::Display for Scope<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(sink) => write!(f, "sinks.{sink}: "),
+            None => Ok(()),
         }
-        if self.ack_timeout.is_zero() {
-            errors.push(DeliveryConfigError::ZeroTimeout("ack_timeout"));
+    }
+}
+
+impl RetrySettings {
+    fn with(&self, o: &RetryOverrides) -> Self {
+        Self {
+            attempt_timeout: o.attempt_timeout.unwrap_or(self.attempt_timeout),
+            max_attempts: o.max_attempts.or(self.max_attempts),
+            initial_backoff: o.initial_backoff.unwrap_or(self.initial_backoff),
+            max_backoff: o.max_backoff.unwrap_or(self.max_backoff),
+            backoff_multiplier: o.backoff_multiplier.unwrap_or(self.backoff_multiplier),
+            backoff_jitter: o.backoff_jitter.unwrap_or(self.backoff_jitter),
+        }
+    }
+
+    fn policy(&self, scope: Option<&str>) -> Result<RetryPolicy, Vec<DeliveryConfigError>> {
+        let scope = || scope.map(str::to_owned);
+        let mut errors = Vec::new();
+        if self.max_attempts == Some(0) {
+            errors.push(DeliveryConfigError::NoAttempts(scope()));
         }
         if self.attempt_timeout.is_zero() {
-            errors.push(DeliveryConfigError::ZeroTimeout("attempt_timeout"));
+            errors.push(DeliveryConfigError::ZeroTimeout("attempt_timeout", scope()));
         }
         let backoff = Backoff::new(
             self.initial_backoff,
@@ -83,7 +150,7 @@ impl DeliveryConfig {
             self.backoff_multiplier,
             self.backoff_jitter,
         )
-        .map_err(|e| errors.push(e.into()))
+        .map_err(|e| errors.push(DeliveryConfigError::Backoff(e, scope())))
         .ok();
         match backoff {
             Some(backoff) if errors.is_empty() => Ok(RetryPolicy {
@@ -93,6 +160,58 @@ impl DeliveryConfig {
             }),
             _ => Err(errors),
         }
+    }
+}
+
+impl DeliveryConfig {
+    fn global(&self) -> RetrySettings {
+        RetrySettings {
+            attempt_timeout: self.attempt_timeout,
+            max_attempts: self.max_attempts,
+            initial_backoff: self.initial_backoff,
+            max_backoff: self.max_backoff,
+            backoff_multiplier: self.backoff_multiplier,
+            backoff_jitter: self.backoff_jitter,
+        }
+    }
+
+    /// The retry policy of the sink `name`: the global settings with its overrides.
+    pub fn policy_for(&self, name: &str) -> Result<RetryPolicy, Vec<DeliveryConfigError>> {
+        match self.sinks.get(name) {
+            Some(overrides) => self.global().with(overrides).policy(Some(name)),
+            None => self.global().policy(None),
+        }
+    }
+
+    /// Validates the settings for these sinks; reports every problem.
+    pub fn validate<'a>(
+        &self,
+        sinks: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<DeliveryConfigError> {
+        let mut errors = Vec::new();
+        if self.ack_timeout.is_zero() {
+            errors.push(DeliveryConfigError::ZeroTimeout("ack_timeout", None));
+        }
+        errors.extend(self.global().policy(None).err().into_iter().flatten());
+        let names: Vec<&str> = sinks.into_iter().collect();
+        for (name, overrides) in &self.sinks {
+            if !names.contains(&name.as_str()) {
+                errors.push(DeliveryConfigError::UnknownSink(name.clone()));
+                continue;
+            }
+            // Only what the override itself breaks: global errors are reported once above.
+            if self.global().policy(None).is_ok() {
+                errors.extend(
+                    self.global()
+                        .with(overrides)
+                        .policy(Some(name))
+                        .err()
+                        .into_iter()
+                        .flatten(),
+                );
+            }
+        }
+        errors
     }
 }
 
@@ -132,36 +251,44 @@ impl fmt::Display for DeliveryError {
 
 struct Target {
     sink: Arc<dyn Sink>,
+    policy: RetryPolicy,
     metrics: SinkMetrics,
 }
+
+/// Below this much time left before the deadline, no further attempt is started.
+const LAST_ATTEMPT_WINDOW: Duration = Duration::from_millis(5);
 
 /// Publishes events to every sink; the shared retry, timeout and metrics layer.
 pub struct Delivery {
     targets: Vec<Target>,
-    policy: RetryPolicy,
     ack_timeout: Duration,
 }
 
 impl Delivery {
-    /// Wraps the sinks.
+    /// Wraps the sinks, each with its retry policy from `config`.
     pub fn new(
         sinks: Vec<Arc<dyn Sink>>,
-        policy: RetryPolicy,
-        ack_timeout: Duration,
+        config: &DeliveryConfig,
         metrics: &Metrics,
-    ) -> Self {
+    ) -> Result<Self, Vec<DeliveryConfigError>> {
+        let errors = config.validate(sinks.iter().map(|s| s.name()));
+        if !errors.is_empty() {
+            return Err(errors);
+        }
         let targets = sinks
             .into_iter()
-            .map(|sink| Target {
-                metrics: metrics.for_sink(sink.name()),
-                sink,
+            .map(|sink| {
+                Ok(Target {
+                    policy: config.policy_for(sink.name())?,
+                    metrics: metrics.for_sink(sink.name()),
+                    sink,
+                })
             })
-            .collect();
-        Self {
+            .collect::<Result<_, Vec<DeliveryConfigError>>>()?;
+        Ok(Self {
             targets,
-            policy,
-            ack_timeout,
-        }
+            ack_timeout: config.ack_timeout,
+        })
     }
 
     /// The sinks, in configuration order.
@@ -195,18 +322,22 @@ impl Delivery {
         }
     }
 
+    /// One sink: attempts until it confirms, the error is permanent, the optional attempt cap
+    /// is reached, or the deadline passes. Fast failures (a sink that is reconnecting) are
+    /// retried with backoff up to the deadline, never abandoned after a few attempts.
     async fn publish(
         &self,
         target: &Target,
         event: &Event,
         deadline: Instant,
     ) -> Result<(), SinkFailure> {
+        let policy = &target.policy;
         let started = Instant::now();
         let mut attempt = 0;
         loop {
             attempt += 1;
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let limit = self.policy.attempt_timeout.min(remaining);
+            let limit = policy.attempt_timeout.min(remaining);
             let error = match tokio::time::timeout(limit, target.sink.publish(event)).await {
                 Ok(Ok(())) => {
                     target
@@ -224,10 +355,10 @@ impl Delivery {
                     ),
                 ),
             };
-            let delay = self.policy.backoff.delay(attempt, rand::random::<f64>());
+            let remaining = deadline.saturating_duration_since(Instant::now());
             let retry = error.is_retryable()
-                && attempt < self.policy.max_attempts
-                && Instant::now() + delay < deadline;
+                && policy.max_attempts.is_none_or(|max| attempt < max)
+                && remaining > LAST_ATTEMPT_WINDOW;
             if !retry {
                 target
                     .metrics
@@ -240,6 +371,11 @@ impl Delivery {
                     error,
                 });
             }
+            // Near the deadline the delay shrinks so that a last attempt still fits.
+            let delay = policy
+                .backoff
+                .delay(attempt, rand::random::<f64>())
+                .min((remaining - LAST_ATTEMPT_WINDOW) / 2);
             tracing::debug!(sink = target.sink.name(), attempt, reason = error.reason(), error = %error, "publish failed; retrying");
             target.metrics.retries.inc();
             tokio::time::sleep(delay).await;
@@ -347,24 +483,32 @@ mod tests {
         Event::new("id".into(), SystemTime::UNIX_EPOCH, data)
     }
 
-    fn delivery(sinks: Vec<Arc<dyn Sink>>, max_attempts: u32) -> (Delivery, Metrics) {
-        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
-        let policy = RetryPolicy {
-            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1), 2.0, 0.0)
-                .unwrap(),
-            max_attempts,
+    fn config(max_attempts: Option<u32>) -> DeliveryConfig {
+        DeliveryConfig {
+            ack_timeout: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(2),
-        };
-        (
-            Delivery::new(sinks, policy, Duration::from_secs(10), &metrics),
-            metrics,
-        )
+            max_attempts,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            backoff_multiplier: 2.0,
+            backoff_jitter: 0.0,
+            sinks: BTreeMap::new(),
+        }
+    }
+
+    fn delivery(sinks: Vec<Arc<dyn Sink>>, max_attempts: Option<u32>) -> (Delivery, Metrics) {
+        delivery_with(sinks, &config(max_attempts))
+    }
+
+    fn delivery_with(sinks: Vec<Arc<dyn Sink>>, config: &DeliveryConfig) -> (Delivery, Metrics) {
+        let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
+        (Delivery::new(sinks, config, &metrics).unwrap(), metrics)
     }
 
     #[tokio::test(start_paused = true)]
     async fn retries_retryable_errors_with_backoff() {
         let sink = Scripted::new("a", vec![Step::Retryable, Step::Retryable, Step::Ok]);
-        let (d, metrics) = delivery(vec![sink.clone()], 5);
+        let (d, metrics) = delivery(vec![sink.clone()], None);
         let start = Instant::now();
         d.deliver(&event()).await.unwrap();
         assert_eq!(sink.attempts.load(Ordering::SeqCst), 3);
@@ -376,7 +520,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn permanent_errors_are_not_retried() {
         let sink = Scripted::new("a", vec![Step::Permanent]);
-        let (d, metrics) = delivery(vec![sink.clone()], 5);
+        let (d, metrics) = delivery(vec![sink.clone()], None);
         let err = d.deliver(&event()).await.unwrap_err();
         assert_eq!(sink.attempts.load(Ordering::SeqCst), 1);
         assert_eq!(err.failures[0].error.reason(), "rejected");
@@ -392,7 +536,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn attempts_are_bounded() {
         let sink = Scripted::new("a", vec![Step::Retryable, Step::Retryable, Step::Retryable]);
-        let (d, _) = delivery(vec![sink.clone()], 2);
+        let (d, _) = delivery(vec![sink.clone()], Some(2));
         let err = d.deliver(&event()).await.unwrap_err();
         assert_eq!(sink.attempts.load(Ordering::SeqCst), 2);
         assert_eq!(err.failures[0].attempts, 2);
@@ -411,7 +555,7 @@ mod tests {
                 Step::Hang,
             ],
         );
-        let (d, _) = delivery(vec![sink.clone()], 100);
+        let (d, _) = delivery(vec![sink.clone()], None);
         let start = Instant::now();
         let err = d.deliver(&event()).await.unwrap_err();
         assert_eq!(err.failures[0].error.reason(), "timeout");
@@ -428,23 +572,99 @@ mod tests {
     async fn every_sink_must_confirm() {
         let good = Scripted::new("good", vec![Step::Ok]);
         let bad = Scripted::new("bad", vec![Step::Permanent]);
-        let (d, _) = delivery(vec![good.clone(), bad.clone()], 3);
+        let (d, _) = delivery(vec![good.clone(), bad.clone()], None);
         let err = d.deliver(&event()).await.unwrap_err();
         assert_eq!(err.failures.len(), 1);
         assert_eq!(err.failures[0].sink, "bad");
         assert_eq!(good.attempts.load(Ordering::SeqCst), 1);
     }
 
+    /// A sink that fails fast (as one does while it reconnects) is retried until the
+    /// deadline, not abandoned after a few attempts: a broker blip shorter than
+    /// `ack_timeout` costs latency, never a 503.
+    #[tokio::test(start_paused = true)]
+    async fn fast_failures_are_retried_until_the_deadline() {
+        let sink = Scripted::new("a", (0..1000).map(|_| Step::Retryable).collect());
+        let (d, _) = delivery(vec![sink.clone()], None);
+        let start = Instant::now();
+        let err = d.deliver(&event()).await.unwrap_err();
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed > Duration::from_millis(9_900) && elapsed <= Duration::from_secs(10),
+            "{elapsed:?}"
+        );
+        // 100 ms doubling to the 1 s cap: about 14 attempts in 10 s, more near the deadline.
+        let attempts = err.failures[0].attempts;
+        assert!((12..=40).contains(&attempts), "{attempts} attempts");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_blip_shorter_than_the_deadline_is_ridden_out() {
+        // 3 s of fast failures (about 8 attempts), then the broker is back.
+        let mut script: Vec<Step> = (0..8).map(|_| Step::Retryable).collect();
+        script.push(Step::Ok);
+        let sink = Scripted::new("a", script);
+        let (d, metrics) = delivery(vec![sink.clone()], None);
+        d.deliver(&event()).await.unwrap();
+        assert_eq!(metrics.sink_retries.with_label_values(&["a"]).get(), 8);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_sink_overrides_apply_to_their_sink_only() {
+        let capped = Scripted::new("capped", (0..100).map(|_| Step::Retryable).collect());
+        let free = Scripted::new("free", (0..5).map(|_| Step::Retryable).collect());
+        let mut config = config(None);
+        config.sinks.insert(
+            "capped".into(),
+            RetryOverrides {
+                max_attempts: Some(3),
+                ..RetryOverrides::default()
+            },
+        );
+        let (d, _) = delivery_with(vec![capped.clone(), free.clone()], &config);
+        let err = d.deliver(&event()).await.unwrap_err();
+        assert_eq!(err.failures.len(), 1);
+        assert_eq!(err.failures[0].sink, "capped");
+        assert_eq!(err.failures[0].attempts, 3);
+        assert_eq!(free.attempts.load(Ordering::SeqCst), 6);
+    }
+
     #[test]
     fn config_reports_every_problem() {
-        let config = DeliveryConfig {
-            max_attempts: 0,
+        let mut config = DeliveryConfig {
+            max_attempts: Some(0),
             ack_timeout: Duration::ZERO,
             backoff_jitter: 3.0,
             ..DeliveryConfig::default()
         };
-        let errors = config.policy().unwrap_err();
-        assert_eq!(errors.len(), 3, "{errors:?}");
-        assert!(DeliveryConfig::default().policy().is_ok());
+        config
+            .sinks
+            .insert("ghost".into(), RetryOverrides::default());
+        let errors = config.validate(["a"]);
+        assert_eq!(errors.len(), 4, "{errors:?}");
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(
+            text.contains(&"sinks.ghost: there is no sink named \"ghost\"".to_owned()),
+            "{text:?}"
+        );
+        let mut config = DeliveryConfig::default();
+        config.sinks.insert(
+            "a".into(),
+            RetryOverrides {
+                initial_backoff: Some(Duration::from_secs(5)),
+                ..RetryOverrides::default()
+            },
+        );
+        let text: Vec<String> = config
+            .validate(["a"])
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(text.len(), 1, "{text:?}");
+        assert!(
+            text[0].starts_with("sinks.a: the maximum backoff"),
+            "{text:?}"
+        );
+        assert!(DeliveryConfig::default().validate(["a"]).is_empty());
     }
 }

@@ -15,7 +15,7 @@ pub mod secret;
 pub mod sink;
 pub mod webhook;
 
-pub use delivery::{Delivery, DeliveryConfig, DeliveryError};
+pub use delivery::{Delivery, DeliveryConfig, DeliveryConfigError, DeliveryError, RetryOverrides};
 pub use event::{EventKind, InteractionEvent};
 pub use schema::v1::{normalize, ContentMode, Event, NormalizeError};
 pub use secret::Secret;

@@ -78,8 +78,8 @@ impl Backoff {
 pub struct RetryPolicy {
     /// Delays between attempts.
     pub backoff: Backoff,
-    /// Attempts in all, the first included (at least 1).
-    pub max_attempts: u32,
+    /// Optional cap on attempts, the first included; `None` retries until the deadline.
+    pub max_attempts: Option<u32>,
     /// Limit for one attempt; a slower attempt counts as a retryable timeout.
     pub attempt_timeout: Duration,
 }

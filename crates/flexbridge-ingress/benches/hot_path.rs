@@ -7,9 +7,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use criterion::{black_box, Criterion};
 use flexbridge_core::metrics::Metrics;
-use flexbridge_core::retry::{Backoff, RetryPolicy};
 use flexbridge_core::{
-    normalize, Delivery, Event, Secret, Sink, SinkError, Verified, WebhookRequest,
+    normalize, Delivery, DeliveryConfig, Event, Secret, Sink, SinkError, Verified, WebhookRequest,
 };
 use flexbridge_ingress::signature::{sign, Algorithm, Signed, Verifier};
 use flexbridge_ingress::{form, Ingress, IngressConfig, TwilioConfig};
@@ -18,7 +17,7 @@ use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 use std::alloc::System;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -88,18 +87,14 @@ impl Sink for Confirming {
 
 fn ingress() -> Ingress {
     let metrics = Metrics::register(&prometheus::Registry::new()).expect("metrics");
-    let policy = RetryPolicy {
-        backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(1), 2.0, 0.2)
-            .expect("backoff"),
-        max_attempts: 3,
-        attempt_timeout: Duration::from_secs(5),
-    };
-    let delivery = Arc::new(Delivery::new(
-        vec![Arc::new(Confirming)],
-        policy,
-        Duration::from_secs(10),
-        &metrics,
-    ));
+    let delivery = Arc::new(
+        Delivery::new(
+            vec![Arc::new(Confirming)],
+            &DeliveryConfig::default(),
+            &metrics,
+        )
+        .expect("default delivery settings"),
+    );
     let config = IngressConfig {
         public_url: Some("https://hooks.example.com".to_owned()),
         ..IngressConfig::default()

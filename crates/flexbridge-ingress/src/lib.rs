@@ -7,5 +7,5 @@ pub mod server;
 pub mod signature;
 
 pub use config::{IngressConfig, TwilioConfig};
-pub use server::{Ingress, IngressError, Rejection};
+pub use server::{Ingress, IngressError, Rejection, Undelivered};
 pub use signature::{sign, Algorithm, Signed, Verifier, VerifyError};

@@ -66,9 +66,9 @@ pub enum Rejection {
     /// `EventType` or `AccountSid` missing.
     #[error(transparent)]
     Normalize(#[from] NormalizeError),
-    /// A sink did not confirm.
-    #[error(transparent)]
-    Delivery(#[from] DeliveryError),
+    /// A sink did not confirm this event.
+    #[error("{}", .0.error)]
+    Delivery(Box<Undelivered>),
 }
 
 impl Rejection {
@@ -107,6 +107,19 @@ impl Rejection {
             Self::Delivery(_) => "sink_unavailable",
         }
     }
+}
+
+/// An event a sink did not confirm, with what an operator needs to tell which event it was.
+#[derive(Debug)]
+pub struct Undelivered {
+    /// The CloudEvents id.
+    pub event_id: String,
+    /// The CloudEvents type.
+    pub event_type: &'static str,
+    /// The Interaction SID, when the event has one.
+    pub interaction_sid: Option<String>,
+    /// Which sinks failed and why.
+    pub error: DeliveryError,
 }
 
 /// Errors building the ingress.
@@ -316,8 +329,15 @@ impl Ingress {
         drop(body);
         let event = normalize(verified)?;
         self.event_counters[event.kind() as usize].inc();
-        self.delivery.deliver(&event).await?;
-        Ok(event.id().to_owned())
+        match self.delivery.deliver(&event).await {
+            Ok(()) => Ok(event.id().to_owned()),
+            Err(error) => Err(Rejection::Delivery(Box::new(Undelivered {
+                event_id: event.id().to_owned(),
+                event_type: event.event_type(),
+                interaction_sid: event.data().interaction_sid().map(str::to_owned),
+                error,
+            }))),
+        }
     }
 
     async fn read_body<B>(&self, headers: &HeaderMap, body: B) -> Result<Bytes, Rejection>
@@ -396,12 +416,12 @@ impl Ingress {
                     .inc();
                 tracing::warn!(parent: span, status = status.as_u16(), reason, error = %rejection, "request refused: not proven to come from Twilio");
             }
-            Rejection::Delivery(_) => {
+            Rejection::Delivery(undelivered) => {
                 self.metrics
                     .http_rejections
                     .with_label_values(&[reason])
                     .inc();
-                tracing::error!(parent: span, status = status.as_u16(), reason, error = %rejection, "event not acknowledged: a sink did not confirm it; Twilio does not retry 5xx by default, so this event is likely lost unless Twilio retries");
+                tracing::error!(parent: span, status = status.as_u16(), reason, event_id = %undelivered.event_id, event_type = undelivered.event_type, interaction_sid = undelivered.interaction_sid.as_deref().unwrap_or(""), error = %rejection, "event not acknowledged: a sink did not confirm it; Twilio does not retry 5xx by default, so this event is likely lost unless Twilio retries");
             }
             _ => {
                 self.metrics

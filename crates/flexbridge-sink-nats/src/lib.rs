@@ -21,6 +21,7 @@ use flexbridge_core::secret::redact_url;
 use flexbridge_core::{ContentMode, Event, EventKind, Retry, Sink, SinkError};
 use percent_encoding::{AsciiSet, CONTROLS};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 /// Errors connecting the sink.
 #[derive(Debug, thiserror::Error)]
@@ -266,30 +267,63 @@ impl NatsSink {
     }
 }
 
-fn classify(error: PublishError) -> SinkError {
-    let (retryable, reason) = match error.kind() {
-        PublishErrorKind::StreamNotFound => (false, "stream_not_found"),
-        PublishErrorKind::MaxPayloadExceeded => (false, "too_large"),
-        PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => {
-            (false, "rejected")
+impl NatsSink {
+    /// Whether a failed publish may succeed later. A publish nobody answered ("no
+    /// responders", which async-nats reports as `StreamNotFound`) means either that no stream
+    /// captures the subject (permanent) or that JetStream is restarting or electing a leader
+    /// (retryable): asking JetStream for the stream of that subject tells the two apart.
+    async fn classify(
+        &self,
+        js: &jetstream::Context,
+        subject: &str,
+        error: PublishError,
+    ) -> SinkError {
+        if error.kind() == PublishErrorKind::StreamNotFound {
+            return match stream_lookup(js, subject).await {
+                StreamLookup::Missing => SinkError::permanent(
+                    "stream_not_found",
+                    "no JetStream stream captures this subject (provision one with the sink's `stream` settings)",
+                ),
+                StreamLookup::Found | StreamLookup::Unavailable => SinkError::retryable(
+                    "no_responders",
+                    "JetStream did not answer the publish (restarting or electing a leader)",
+                ),
+            }
+            .with_source(error);
         }
-        PublishErrorKind::TimedOut => (true, "timeout"),
-        PublishErrorKind::BrokenPipe => (true, "disconnected"),
-        PublishErrorKind::MaxAckPending => (true, "busy"),
-        _ => (true, "publish_failed"),
-    };
-    let message = match error.kind() {
-        PublishErrorKind::StreamNotFound => {
-            "no JetStream stream captures this subject (provision one with the sink's `stream` settings)".to_owned()
+        let (retry, reason) = match error.kind() {
+            PublishErrorKind::MaxPayloadExceeded => (Retry::Permanent, "too_large"),
+            PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => {
+                (Retry::Permanent, "rejected")
+            }
+            PublishErrorKind::TimedOut => (Retry::Retryable, "timeout"),
+            PublishErrorKind::BrokenPipe => (Retry::Retryable, "disconnected"),
+            PublishErrorKind::MaxAckPending => (Retry::Retryable, "busy"),
+            _ => (Retry::Retryable, "publish_failed"),
+        };
+        SinkError::new(retry, reason, error.to_string()).with_source(error)
+    }
+}
+
+/// What JetStream says about the stream of a subject.
+enum StreamLookup {
+    /// A stream captures it.
+    Found,
+    /// JetStream answered: no stream captures it.
+    Missing,
+    /// JetStream did not answer (no responders, timeout, disconnected).
+    Unavailable,
+}
+
+async fn stream_lookup(js: &jetstream::Context, subject: &str) -> StreamLookup {
+    use async_nats::jetstream::context::GetStreamByNameErrorKind;
+    match tokio::time::timeout(Duration::from_secs(1), js.stream_by_subject(subject)).await {
+        Ok(Ok(_)) => StreamLookup::Found,
+        Ok(Err(error)) if error.kind() == GetStreamByNameErrorKind::NotFound => {
+            StreamLookup::Missing
         }
-        _ => error.to_string(),
-    };
-    let retry = if retryable {
-        Retry::Retryable
-    } else {
-        Retry::Permanent
-    };
-    SinkError::new(retry, reason, message).with_source(error)
+        Ok(Err(_)) | Err(_) => StreamLookup::Unavailable,
+    }
 }
 
 #[async_trait]
@@ -317,12 +351,19 @@ impl Sink for NatsSink {
                     .payload(payload)
                     .headers(headers)
                     .message_id(event.id());
-                let ack = js
-                    .send_publish(subject, message)
-                    .await
-                    .map_err(classify)?
-                    .await
-                    .map_err(classify)?;
+                let ack = match js.send_publish(subject, message).await {
+                    Ok(pending) => pending.await,
+                    Err(error) => Err(error),
+                };
+                let ack = match ack {
+                    Ok(ack) => ack,
+                    Err(error) => {
+                        // The subject moved into the publish; rendering it again costs only
+                        // on this error path.
+                        let subject = self.subject.render_with(event, subject_token);
+                        return Err(self.classify(js, &subject, error).await);
+                    }
+                };
                 if ack.duplicate {
                     self.metrics.duplicates.inc();
                     tracing::debug!(sink = %self.name, event_id = event.id(), stream = %ack.stream, "the stream already had this event");
@@ -351,11 +392,20 @@ impl Sink for NatsSink {
         };
         self.provision(js).await?;
         for subject in &self.check_subjects {
-            if let Err(error) = js.stream_by_subject(subject.as_str()).await {
-                return Err(SinkError::permanent(
-                    "stream_not_found",
-                    format!("no JetStream stream captures subject {subject}: {error}"),
-                ));
+            match stream_lookup(js, subject).await {
+                StreamLookup::Found => {}
+                StreamLookup::Missing => {
+                    return Err(SinkError::permanent(
+                        "stream_not_found",
+                        format!("no JetStream stream captures subject {subject}"),
+                    ))
+                }
+                StreamLookup::Unavailable => {
+                    return Err(SinkError::retryable(
+                        "no_responders",
+                        "JetStream is not answering (restarting or electing a leader)",
+                    ))
+                }
             }
         }
         Ok(())

@@ -242,6 +242,28 @@ async fn a_subject_without_a_stream_is_a_permanent_error_and_unhealthy() {
     );
 }
 
+/// A server whose JetStream does not answer (here: not enabled; in production: restarting or
+/// electing a leader) makes a publish come back with "no responders", which async-nats
+/// reports as `StreamNotFound`. That is not a missing stream: the publish must be retried.
+#[tokio::test]
+async fn no_responders_while_jetstream_is_away_is_retryable() {
+    let server = AuthServer::start_with(&[], false);
+    let c = config(
+        format!("nats://127.0.0.1:{}", server.port),
+        "away.{event}".to_owned(),
+    );
+    let (sink, _) = connected(&c).await;
+    let err = sink
+        .publish(&event(EventKind::InteractionCreated, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "no_responders", "{err}");
+    assert!(err.is_retryable(), "{err}");
+    let health = sink.health().await.unwrap_err();
+    assert_eq!(health.reason(), "no_responders", "{health}");
+    assert!(health.is_retryable());
+}
+
 #[tokio::test]
 async fn the_sink_provisions_its_stream() {
     let stream_name = unique("FBPROV");
@@ -364,6 +386,10 @@ mod tempfile_dir {
 
 impl AuthServer {
     fn start(auth: &[&str]) -> Self {
+        Self::start_with(auth, true)
+    }
+
+    fn start_with(auth: &[&str], jetstream: bool) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -371,8 +397,9 @@ impl AuthServer {
             .port();
         let store = std::env::temp_dir().join(unique("fbnats"));
         let child = std::process::Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(&store)
+            .args(if jetstream { &["-js"][..] } else { &[] })
             .args(auth)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

@@ -302,12 +302,9 @@ async fn maintain(
     mut stop: watch::Receiver<bool>,
     first_attempt: watch::Sender<bool>,
 ) {
-    let backoff = match Backoff::new(
-        Duration::from_millis(100),
-        Duration::from_secs(10),
-        2.0,
-        0.2,
-    ) {
+    // Capped at 2 s: a reconnect attempt is cheap, and a webhook waits for it (at most
+    // `delivery.ack_timeout`), so a broker back after a blip must be found quickly.
+    let backoff = match Backoff::new(Duration::from_millis(100), Duration::from_secs(2), 2.0, 0.5) {
         Ok(backoff) => backoff,
         Err(_) => return,
     };
@@ -386,7 +383,7 @@ async fn maintain(
                 );
                 let _ = first_attempt.send(true);
                 failures += 1;
-                let delay = backoff.delay(failures, 0.5);
+                let delay = backoff.delay(failures, rand::random::<f64>());
                 tokio::select! {
                     _ = stop.wait_for(|s| *s) => return,
                     () = tokio::time::sleep(delay) => {}

@@ -389,9 +389,13 @@ fn section<T: DeserializeOwned + Default>(
 pub fn validate(config: &AppConfig) -> Vec<String> {
     let mut errors = config.ingress.validate();
     errors.extend(config.twilio.validate());
-    if let Err(problems) = config.delivery.policy() {
-        errors.extend(problems.iter().map(|p| format!("delivery: {p}")));
-    }
+    errors.extend(
+        config
+            .delivery
+            .validate(config.sinks.iter().map(SinkConfig::name))
+            .iter()
+            .map(|p| format!("delivery: {p}")),
+    );
     if config.delivery.ack_timeout >= Duration::from_secs(15) {
         errors
             .push("delivery.ack_timeout: must stay below Twilio's 15 s request timeout".to_owned());

@@ -80,17 +80,13 @@ pub async fn start_on(
     if config.ingress.public_url.is_none() && !config.ingress.trust_forwarded_headers {
         tracing::warn!("ingress.public_url is not set: the signed URL is rebuilt from the Host header as http://, which fails behind a TLS proxy");
     }
-    let policy = config
-        .delivery
-        .policy()
-        .map_err(|e| anyhow::anyhow!("delivery settings: {e:?}"))?;
     let sinks = open_sinks(&config.sinks, &metrics).await?;
-    let delivery = Arc::new(Delivery::new(
-        sinks,
-        policy,
-        config.delivery.ack_timeout,
-        &metrics,
-    ));
+    let delivery = Arc::new(Delivery::new(sinks, &config.delivery, &metrics).map_err(
+        |errors| {
+            let errors: Vec<String> = errors.iter().map(|e| format!("delivery: {e}")).collect();
+            anyhow::anyhow!("{}", errors.join("; "))
+        },
+    )?);
     let ingress = Arc::new(Ingress::new(
         config.ingress.clone(),
         &config.twilio,
