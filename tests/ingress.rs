@@ -375,7 +375,7 @@ fn a_sink_that_cannot_write_gives_503_with_retry_after_and_nothing_acknowledged(
         "{line}"
     );
     assert_eq!(
-        line["event_type"], "com.twilio.flex.interactions.channel.status_updated",
+        line["ce_type"], "com.twilio.flex.interactions.channel.status_updated",
         "{line}"
     );
     assert_eq!(line["event_id"].as_str().map(str::len), Some(32), "{line}");

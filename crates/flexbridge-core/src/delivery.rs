@@ -453,9 +453,6 @@ mod tests {
         fn name(&self) -> &str {
             self.name
         }
-        fn kind(&self) -> &'static str {
-            "scripted"
-        }
         async fn publish(&self, _event: &Event) -> Result<(), SinkError> {
             self.attempts.fetch_add(1, Ordering::SeqCst);
             let step = self.script.lock().unwrap().pop().unwrap_or(Step::Ok);

@@ -44,61 +44,124 @@ impl EventKind {
 
     /// Maps Twilio's `EventType` value (case-sensitive, as documented).
     pub fn from_twilio(event_type: &str) -> Self {
-        match event_type {
-            "onInteractionCreated" => Self::InteractionCreated,
-            "onChannelCreated" => Self::ChannelCreated,
-            "onChannelCreateFailed" => Self::ChannelCreateFailed,
-            "onChannelStatusUpdated" => Self::ChannelStatusUpdated,
-            "onParticipantJoined" => Self::ParticipantJoined,
-            "onParticipantLeft" => Self::ParticipantLeft,
-            "onParticipantUpdated" => Self::ParticipantUpdated,
-            _ => Self::Unknown,
-        }
+        KINDS
+            .iter()
+            .find(|row| row.twilio == Some(event_type))
+            .map_or(Self::Unknown, |row| row.kind)
+    }
+
+    /// Every name of this kind (its row of [`KINDS`]).
+    pub fn names(self) -> &'static KindNames {
+        &KINDS[self as usize]
     }
 
     /// Twilio's `EventType` value; `None` for `Unknown`.
     pub fn twilio_name(self) -> Option<&'static str> {
-        Some(match self {
-            Self::InteractionCreated => "onInteractionCreated",
-            Self::ChannelCreated => "onChannelCreated",
-            Self::ChannelCreateFailed => "onChannelCreateFailed",
-            Self::ChannelStatusUpdated => "onChannelStatusUpdated",
-            Self::ParticipantJoined => "onParticipantJoined",
-            Self::ParticipantLeft => "onParticipantLeft",
-            Self::ParticipantUpdated => "onParticipantUpdated",
-            Self::Unknown => return None,
-        })
+        self.names().twilio
     }
 
     /// The short name used in routing templates (`{event}`) and metric labels:
     /// `object.action`, e.g. `channel.status_updated`.
     pub fn short_name(self) -> &'static str {
-        match self {
-            Self::InteractionCreated => "interaction.created",
-            Self::ChannelCreated => "channel.created",
-            Self::ChannelCreateFailed => "channel.create_failed",
-            Self::ChannelStatusUpdated => "channel.status_updated",
-            Self::ParticipantJoined => "participant.joined",
-            Self::ParticipantLeft => "participant.left",
-            Self::ParticipantUpdated => "participant.updated",
-            Self::Unknown => "unknown",
-        }
+        self.names().short
     }
 
     /// The schema id of the event's `data`, e.g. `FlexInteractions.ChannelStatusUpdated`.
     pub fn schema_name(self) -> &'static str {
-        match self {
-            Self::InteractionCreated => "FlexInteractions.InteractionCreated",
-            Self::ChannelCreated => "FlexInteractions.ChannelCreated",
-            Self::ChannelCreateFailed => "FlexInteractions.ChannelCreateFailed",
-            Self::ChannelStatusUpdated => "FlexInteractions.ChannelStatusUpdated",
-            Self::ParticipantJoined => "FlexInteractions.ParticipantJoined",
-            Self::ParticipantLeft => "FlexInteractions.ParticipantLeft",
-            Self::ParticipantUpdated => "FlexInteractions.ParticipantUpdated",
-            Self::Unknown => "FlexInteractions.Unknown",
-        }
+        self.names().schema_id
     }
 }
+
+/// Every name one event kind has, in each vocabulary flexbridge speaks.
+#[derive(Debug, PartialEq, Eq)]
+pub struct KindNames {
+    /// The kind this row describes.
+    pub kind: EventKind,
+    /// Twilio's `EventType` (`onChannelStatusUpdated`); `None` for `Unknown`.
+    pub twilio: Option<&'static str>,
+    /// `object.action` (`channel.status_updated`): routing templates and metric labels.
+    pub short: &'static str,
+    /// The CloudEvents `type` (`com.twilio.flex.interactions.channel.status_updated`).
+    pub ce_type: &'static str,
+    /// The schema id of `data` (`FlexInteractions.ChannelStatusUpdated`).
+    pub schema_id: &'static str,
+    /// The v1 CloudEvents `dataschema`: `urn:flexbridge:schema:<schema id>:1`.
+    pub data_schema: &'static str,
+}
+
+macro_rules! kind_row {
+    ($kind:ident, $twilio:expr, $short:literal, $schema:literal) => {
+        KindNames {
+            kind: EventKind::$kind,
+            twilio: $twilio,
+            short: $short,
+            ce_type: concat!("com.twilio.flex.interactions.", $short),
+            schema_id: concat!("FlexInteractions.", $schema),
+            data_schema: concat!("urn:flexbridge:schema:FlexInteractions.", $schema, ":1"),
+        }
+    };
+}
+
+/// The one table of event kinds, in [`EventKind`] order. The model, schema v1, routing, the
+/// Flex API client and the CLI all read their names from here.
+pub const KINDS: [KindNames; 8] = [
+    kind_row!(
+        InteractionCreated,
+        Some("onInteractionCreated"),
+        "interaction.created",
+        "InteractionCreated"
+    ),
+    kind_row!(
+        ChannelCreated,
+        Some("onChannelCreated"),
+        "channel.created",
+        "ChannelCreated"
+    ),
+    kind_row!(
+        ChannelCreateFailed,
+        Some("onChannelCreateFailed"),
+        "channel.create_failed",
+        "ChannelCreateFailed"
+    ),
+    kind_row!(
+        ChannelStatusUpdated,
+        Some("onChannelStatusUpdated"),
+        "channel.status_updated",
+        "ChannelStatusUpdated"
+    ),
+    kind_row!(
+        ParticipantJoined,
+        Some("onParticipantJoined"),
+        "participant.joined",
+        "ParticipantJoined"
+    ),
+    kind_row!(
+        ParticipantLeft,
+        Some("onParticipantLeft"),
+        "participant.left",
+        "ParticipantLeft"
+    ),
+    kind_row!(
+        ParticipantUpdated,
+        Some("onParticipantUpdated"),
+        "participant.updated",
+        "ParticipantUpdated"
+    ),
+    kind_row!(Unknown, None, "unknown", "Unknown"),
+];
+
+/// The seven documented Twilio `EventType` values, in table order.
+pub const TWILIO_EVENT_TYPES: [&str; 7] = {
+    let mut names = [""; 7];
+    let mut i = 0;
+    while i < names.len() {
+        if let Some(name) = KINDS[i].twilio {
+            names[i] = name;
+        }
+        i += 1;
+    }
+    names
+};
 
 impl fmt::Display for EventKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -542,6 +605,20 @@ impl InteractionEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kind_table_is_in_enum_order_and_round_trips() {
+        for (i, kind) in EventKind::ALL.iter().enumerate() {
+            assert_eq!(KINDS[i].kind, *kind);
+            assert_eq!(*kind as usize, i);
+            if let Some(name) = kind.twilio_name() {
+                assert_eq!(EventKind::from_twilio(name), *kind);
+                assert_eq!(TWILIO_EVENT_TYPES[i], name);
+            }
+        }
+        assert_eq!(EventKind::from_twilio("onSomethingNew"), EventKind::Unknown);
+        assert!(TWILIO_EVENT_TYPES.iter().all(|n| n.starts_with("on")));
+    }
 
     fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

@@ -5,6 +5,7 @@
 //! the ingress crate decides whether a request is authentic, sink crates decide how an event
 //! is delivered, and the binary wires them together.
 
+pub mod cloudevents;
 pub mod delivery;
 pub mod event;
 pub mod metrics;
@@ -15,9 +16,11 @@ pub mod secret;
 pub mod sink;
 pub mod webhook;
 
+pub use cloudevents::{Binding, ContentMode};
 pub use delivery::{Delivery, DeliveryConfig, DeliveryConfigError, DeliveryError, RetryOverrides};
 pub use event::{EventKind, InteractionEvent};
-pub use schema::v1::{normalize, ContentMode, Event, NormalizeError};
+pub use metrics::SinkContext;
+pub use schema::v1::{normalize, Event, NormalizeError};
 pub use secret::Secret;
-pub use sink::{Retry, Sink, SinkError};
+pub use sink::{BuildError, Limits, Retry, Sink, SinkConfig, SinkError};
 pub use webhook::{Attestation, Verified, WebhookRequest};

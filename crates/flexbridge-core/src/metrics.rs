@@ -5,6 +5,10 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
 };
+/// The handles sink crates get from [`SinkContext`].
+pub use prometheus::{IntCounter as Counter, IntGauge as Gauge};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// Buckets for publish and request latency, in seconds: fine below 10 ms where fsync and broker
 /// confirms live, coarse up to the acknowledgement timeout.
@@ -35,19 +39,22 @@ pub struct Metrics {
     pub sink_retries: IntCounterVec,
     /// `flexbridge_sink_up{sink}`: 1 when the last health check passed.
     pub sink_up: IntGaugeVec,
-    /// `flexbridge_sink_duplicates_total{sink}`: publishes the broker reported as duplicates
-    /// of an event it already had (JetStream dedup on the event id).
-    pub sink_duplicates: IntCounterVec,
     /// `flexbridge_sink_reconnections_total{sink}`: connections to the broker re-established.
     pub sink_reconnections: IntCounterVec,
-    /// `flexbridge_sink_returned_total{sink}`: messages the broker returned as unroutable.
-    pub sink_returned: IntCounterVec,
-    /// `flexbridge_sink_queue_depth{sink}`: records waiting in the client library for the
-    /// broker (Kafka producer queue), sampled at each health check.
-    pub sink_queue_depth: IntGaugeVec,
     /// `flexbridge_info{version,signature_verification}`: always 1; the labels say how this
     /// process runs (`signature_verification` is `enabled` or `disabled`).
     pub info: IntGaugeVec,
+    /// Where sink crates register their own families (see [`SinkContext`]).
+    registry: Registry,
+    /// Families registered by sink crates, by name: one family for every sink of a type.
+    sink_families: Arc<Mutex<HashMap<&'static str, Family>>>,
+}
+
+/// A family a sink crate registered.
+#[derive(Clone)]
+enum Family {
+    Counter(IntCounterVec),
+    Gauge(IntGaugeVec),
 }
 
 impl Metrics {
@@ -103,13 +110,6 @@ impl Metrics {
                 Opts::new("flexbridge_sink_up", "1 when the sink's last health check passed."),
                 &["sink"],
             )?,
-            sink_duplicates: IntCounterVec::new(
-                Opts::new(
-                    "flexbridge_sink_duplicates_total",
-                    "Publishes the broker reported as duplicates of an event it already had.",
-                ),
-                &["sink"],
-            )?,
             sink_reconnections: IntCounterVec::new(
                 Opts::new(
                     "flexbridge_sink_reconnections_total",
@@ -117,24 +117,12 @@ impl Metrics {
                 ),
                 &["sink"],
             )?,
-            sink_returned: IntCounterVec::new(
-                Opts::new(
-                    "flexbridge_sink_returned_total",
-                    "Messages the broker returned as unroutable (mandatory publish, no binding).",
-                ),
-                &["sink"],
-            )?,
-            sink_queue_depth: IntGaugeVec::new(
-                Opts::new(
-                    "flexbridge_sink_queue_depth",
-                    "Records waiting in the client library for the broker, sampled at each health check.",
-                ),
-                &["sink"],
-            )?,
             info: IntGaugeVec::new(
                 Opts::new("flexbridge_info", "Constant 1; labels describe this process."),
                 &["version", "signature_verification"],
             )?,
+            registry: registry.clone(),
+            sink_families: Arc::default(),
         };
         registry.register(Box::new(m.http_requests.clone()))?;
         registry.register(Box::new(m.http_rejections.clone()))?;
@@ -145,10 +133,7 @@ impl Metrics {
         registry.register(Box::new(m.sink_failures.clone()))?;
         registry.register(Box::new(m.sink_retries.clone()))?;
         registry.register(Box::new(m.sink_up.clone()))?;
-        registry.register(Box::new(m.sink_duplicates.clone()))?;
         registry.register(Box::new(m.sink_reconnections.clone()))?;
-        registry.register(Box::new(m.sink_returned.clone()))?;
-        registry.register(Box::new(m.sink_queue_depth.clone()))?;
         registry.register(Box::new(m.info.clone()))?;
         Ok(m)
     }
@@ -164,10 +149,7 @@ impl Metrics {
                 .with_label_values(&[sink, "failure"]),
             retries: self.sink_retries.with_label_values(&[sink]),
             up: self.sink_up.with_label_values(&[sink]),
-            duplicates: self.sink_duplicates.with_label_values(&[sink]),
             reconnections: self.sink_reconnections.with_label_values(&[sink]),
-            returned: self.sink_returned.with_label_values(&[sink]),
-            queue_depth: self.sink_queue_depth.with_label_values(&[sink]),
             failures: self.sink_failures.clone(),
             sink: sink.to_owned(),
         }
@@ -185,14 +167,8 @@ pub struct SinkMetrics {
     pub retries: IntCounter,
     /// Health gauge.
     pub up: IntGauge,
-    /// Broker-reported duplicates.
-    pub duplicates: IntCounter,
-    /// Reconnections.
+    /// Reconnections (broker sinks).
     pub reconnections: IntCounter,
-    /// Unroutable messages returned by the broker.
-    pub returned: IntCounter,
-    /// Records queued in the client library.
-    pub queue_depth: IntGauge,
     failures: IntCounterVec,
     sink: String,
 }
@@ -201,5 +177,137 @@ impl SinkMetrics {
     /// Counts a publish that failed for good.
     pub fn failed(&self, reason: &str) {
         self.failures.with_label_values(&[&self.sink, reason]).inc();
+    }
+}
+
+impl Metrics {
+    /// The value of `family{sink="<sink>"}` (a counter or gauge), for tests and reports.
+    pub fn sample(&self, family: &str, sink: &str) -> Option<f64> {
+        self.registry
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == family)?
+            .get_metric()
+            .iter()
+            .find(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "sink" && l.value() == sink)
+            })
+            // A counter's series has no gauge value and the other way round: one is zero.
+            .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
+    }
+
+    /// The family `name` with a `sink` label, registered on first use and shared after.
+    fn sink_family(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        make: impl Fn(Opts) -> Result<Family, prometheus::Error>,
+    ) -> Result<Family, prometheus::Error> {
+        let mut families = self
+            .sink_families
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(family) = families.get(name) {
+            return Ok(family.clone());
+        }
+        let family = make(Opts::new(name, help))?;
+        match &family {
+            Family::Counter(c) => self.registry.register(Box::new(c.clone()))?,
+            Family::Gauge(g) => self.registry.register(Box::new(g.clone()))?,
+        }
+        families.insert(name, family.clone());
+        Ok(family)
+    }
+}
+
+/// What the daemon hands a sink crate to build one sink: the sink's name, the shared metric
+/// handles every sink records, and a way to register the families only this kind of sink has
+/// (JetStream duplicates, RabbitMQ returns, the Kafka queue depth).
+#[derive(Clone)]
+pub struct SinkContext {
+    name: String,
+    metrics: Metrics,
+}
+
+impl SinkContext {
+    /// The context of the sink `name`.
+    pub fn new(metrics: &Metrics, name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// A context with a registry of its own (tests, tools).
+    pub fn standalone(name: &str) -> Result<Self, prometheus::Error> {
+        Ok(Self::new(&Metrics::register(&Registry::new())?, name))
+    }
+
+    /// The sink's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The metrics every sink shares, for this sink.
+    pub fn shared(&self) -> SinkMetrics {
+        self.metrics.for_sink(&self.name)
+    }
+
+    /// The metric families (for [`Metrics::sample`]).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// This sink's series of the counter family `name` (labelled `sink`), registered once.
+    pub fn counter(
+        &self,
+        name: &'static str,
+        help: &'static str,
+    ) -> Result<IntCounter, prometheus::Error> {
+        let family = self.metrics.sink_family(name, help, |opts| {
+            IntCounterVec::new(opts, &["sink"]).map(Family::Counter)
+        })?;
+        match family {
+            Family::Counter(c) => Ok(c.with_label_values(&[&self.name])),
+            Family::Gauge(_) => Err(prometheus::Error::Msg(format!("{name} is a gauge"))),
+        }
+    }
+
+    /// This sink's series of the gauge family `name` (labelled `sink`), registered once.
+    pub fn gauge(
+        &self,
+        name: &'static str,
+        help: &'static str,
+    ) -> Result<IntGauge, prometheus::Error> {
+        let family = self.metrics.sink_family(name, help, |opts| {
+            IntGaugeVec::new(opts, &["sink"]).map(Family::Gauge)
+        })?;
+        match family {
+            Family::Gauge(g) => Ok(g.with_label_values(&[&self.name])),
+            Family::Counter(_) => Err(prometheus::Error::Msg(format!("{name} is a counter"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sink_families_are_registered_once_and_shared_by_sinks_of_a_type() {
+        let metrics = Metrics::register(&Registry::new()).unwrap();
+        let a = SinkContext::new(&metrics, "a");
+        let b = SinkContext::new(&metrics, "b");
+        a.counter("flexbridge_test_total", "Test.").unwrap().inc();
+        b.counter("flexbridge_test_total", "Test.")
+            .unwrap()
+            .inc_by(2);
+        assert_eq!(metrics.sample("flexbridge_test_total", "a"), Some(1.0));
+        assert_eq!(metrics.sample("flexbridge_test_total", "b"), Some(2.0));
+        a.gauge("flexbridge_test_depth", "Test.").unwrap().set(7);
+        assert_eq!(metrics.sample("flexbridge_test_depth", "a"), Some(7.0));
+        assert!(a.gauge("flexbridge_test_total", "Test.").is_err());
     }
 }

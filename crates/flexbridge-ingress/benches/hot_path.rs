@@ -70,9 +70,6 @@ impl Sink for Confirming {
     fn name(&self) -> &str {
         "confirming"
     }
-    fn kind(&self) -> &'static str {
-        "bench"
-    }
     async fn publish(&self, event: &Event) -> Result<(), SinkError> {
         black_box(event.envelope_json());
         Ok(())

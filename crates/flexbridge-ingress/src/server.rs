@@ -115,7 +115,7 @@ pub struct Undelivered {
     /// The CloudEvents id.
     pub event_id: String,
     /// The CloudEvents type.
-    pub event_type: &'static str,
+    pub ce_type: &'static str,
     /// The Interaction SID, when the event has one.
     pub interaction_sid: Option<String>,
     /// Which sinks failed and why.
@@ -333,7 +333,7 @@ impl Ingress {
             Ok(()) => Ok(event.id().to_owned()),
             Err(error) => Err(Rejection::Delivery(Box::new(Undelivered {
                 event_id: event.id().to_owned(),
-                event_type: event.event_type(),
+                ce_type: event.ce_type(),
                 interaction_sid: event.data().interaction_sid().map(str::to_owned),
                 error,
             }))),
@@ -421,7 +421,7 @@ impl Ingress {
                     .http_rejections
                     .with_label_values(&[reason])
                     .inc();
-                tracing::error!(parent: span, status = status.as_u16(), reason, event_id = %undelivered.event_id, event_type = undelivered.event_type, interaction_sid = undelivered.interaction_sid.as_deref().unwrap_or(""), error = %rejection, "event not acknowledged: a sink did not confirm it; Twilio does not retry 5xx by default, so this event is likely lost unless Twilio retries");
+                tracing::error!(parent: span, status = status.as_u16(), reason, event_id = %undelivered.event_id, ce_type = undelivered.ce_type, interaction_sid = undelivered.interaction_sid.as_deref().unwrap_or(""), error = %rejection, "event not acknowledged: a sink did not confirm it; Twilio does not retry 5xx by default, so this event is likely lost unless Twilio retries");
             }
             _ => {
                 self.metrics

@@ -8,7 +8,7 @@
 mod writer;
 
 use async_trait::async_trait;
-use flexbridge_core::{Event, Sink, SinkError};
+use flexbridge_core::{BuildError, Event, Limits, Sink, SinkConfig, SinkContext, SinkError};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 pub use writer::Stats;
@@ -35,47 +35,10 @@ pub struct StdoutSinkConfig {
     pub pretty: bool,
 }
 
-/// Errors opening a sink.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    /// The file could not be opened for appending.
-    #[error("cannot open {path} for appending")]
-    Open {
-        /// The configured path.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The writer thread could not be started.
-    #[error("cannot start the writer thread")]
-    Thread(#[source] std::io::Error),
-}
-
 /// Appends events to a file.
 pub struct FileSink {
     name: String,
     writer: GroupWriter,
-}
-
-impl FileSink {
-    /// Opens (or creates) the file for appending and starts its writer thread.
-    pub fn open(config: &FileSinkConfig) -> Result<Self, OpenError> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&config.path)
-            .map_err(|source| OpenError::Open {
-                path: config.path.clone(),
-                source,
-            })?;
-        let writer = GroupWriter::start(&config.name, Output::File(file), false)
-            .map_err(OpenError::Thread)?;
-        Ok(Self {
-            name: config.name.clone(),
-            writer,
-        })
-    }
 }
 
 impl FileSink {
@@ -85,38 +48,79 @@ impl FileSink {
     }
 }
 
+#[async_trait]
+impl SinkConfig for FileSinkConfig {
+    type Plan = ();
+    type Sink = FileSink;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn plan(&self, _limits: &Limits) -> Result<(), Vec<String>> {
+        if self.path.as_os_str().is_empty() {
+            return Err(vec![format!("sinks.{}.path: must not be empty", self.name)]);
+        }
+        Ok(())
+    }
+
+    /// Opens (or creates) the file for appending and starts its writer thread.
+    async fn build(&self, (): (), _context: &SinkContext) -> Result<FileSink, BuildError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| {
+                BuildError::open(
+                    format!("cannot open {} for appending", self.path.display()),
+                    e,
+                )
+            })?;
+        let writer = GroupWriter::start(&self.name, Output::File(file), false)
+            .map_err(|e| BuildError::open("cannot start the writer thread", e))?;
+        Ok(FileSink {
+            name: self.name.clone(),
+            writer,
+        })
+    }
+}
+
 /// Writes events to standard output.
 pub struct StdoutSink {
     name: String,
     writer: GroupWriter,
 }
 
-impl StdoutSink {
+#[async_trait]
+impl SinkConfig for StdoutSinkConfig {
+    type Plan = ();
+    type Sink = StdoutSink;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn plan(&self, _limits: &Limits) -> Result<(), Vec<String>> {
+        Ok(())
+    }
+
     /// Starts the writer thread on standard output.
-    pub fn open(config: &StdoutSinkConfig) -> Result<Self, OpenError> {
-        let writer = GroupWriter::start(
-            &config.name,
-            Output::Stdout(std::io::stdout()),
-            config.pretty,
-        )
-        .map_err(OpenError::Thread)?;
-        Ok(Self {
-            name: config.name.clone(),
+    async fn build(&self, (): (), _context: &SinkContext) -> Result<StdoutSink, BuildError> {
+        let writer = GroupWriter::start(&self.name, Output::Stdout(std::io::stdout()), self.pretty)
+            .map_err(|e| BuildError::open("cannot start the writer thread", e))?;
+        Ok(StdoutSink {
+            name: self.name.clone(),
             writer,
         })
     }
 }
 
 macro_rules! impl_sink {
-    ($ty:ty, $kind:literal) => {
+    ($ty:ty) => {
         #[async_trait]
         impl Sink for $ty {
             fn name(&self) -> &str {
                 &self.name
-            }
-
-            fn kind(&self) -> &'static str {
-                $kind
             }
 
             async fn publish(&self, event: &Event) -> Result<(), SinkError> {
@@ -134,8 +138,8 @@ macro_rules! impl_sink {
     };
 }
 
-impl_sink!(FileSink, "file");
-impl_sink!(StdoutSink, "stdout");
+impl_sink!(FileSink);
+impl_sink!(StdoutSink);
 
 #[cfg(test)]
 mod tests {
@@ -143,6 +147,16 @@ mod tests {
     use flexbridge_core::InteractionEvent;
     use std::sync::Arc;
     use std::time::SystemTime;
+
+    async fn open(name: &str, path: impl Into<std::path::PathBuf>) -> Result<FileSink, BuildError> {
+        let config = FileSinkConfig {
+            name: name.into(),
+            path: path.into(),
+        };
+        config
+            .open(&Limits::default(), &SinkContext::standalone(name).unwrap())
+            .await
+    }
 
     fn event(n: usize) -> Event {
         let data = InteractionEvent::from_params(vec![
@@ -159,13 +173,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
         std::fs::write(&path, "earlier line\n").unwrap();
-        let sink = Arc::new(
-            FileSink::open(&FileSinkConfig {
-                name: "f".into(),
-                path: path.clone(),
-            })
-            .unwrap(),
-        );
+        let sink = Arc::new(open("f", path.clone()).await.unwrap());
         let tasks: Vec<_> = (0..500)
             .map(|n| {
                 let sink = Arc::clone(&sink);
@@ -200,11 +208,7 @@ mod tests {
     #[tokio::test]
     async fn publish_after_drain_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let sink = FileSink::open(&FileSinkConfig {
-            name: "f".into(),
-            path: dir.path().join("e.jsonl"),
-        })
-        .unwrap();
+        let sink = open("f", dir.path().join("e.jsonl")).await.unwrap();
         sink.publish(&event(1)).await.unwrap();
         sink.drain().await.unwrap();
         let err = sink.publish(&event(2)).await.unwrap_err();
@@ -212,26 +216,22 @@ mod tests {
         assert!(sink.health().await.is_err());
     }
 
-    #[test]
-    fn a_missing_directory_is_a_clear_error() {
-        let err = FileSink::open(&FileSinkConfig {
-            name: "f".into(),
-            path: "/nonexistent/dir/e.jsonl".into(),
-        })
-        .err()
-        .unwrap();
+    #[tokio::test]
+    async fn a_missing_directory_is_a_clear_error() {
+        let err = open("f", "/nonexistent/dir/e.jsonl").await.err().unwrap();
         assert!(err.to_string().contains("/nonexistent/dir/e.jsonl"));
+        let err = open("f", "").await.err().unwrap();
+        assert!(
+            err.to_string().contains("sinks.f.path: must not be empty"),
+            "{err}"
+        );
     }
 
     /// A write error (here: the file is a full device) fails the publish as an I/O error
     /// instead of confirming it.
     #[tokio::test]
     async fn write_errors_are_reported_not_confirmed() {
-        let sink = FileSink::open(&FileSinkConfig {
-            name: "full".into(),
-            path: "/dev/full".into(),
-        })
-        .unwrap();
+        let sink = open("full", "/dev/full").await.unwrap();
         let err = sink.publish(&event(1)).await.unwrap_err();
         assert_eq!(err.reason(), "io");
         assert!(err.is_retryable());

@@ -5,10 +5,13 @@
 //! in order in their partition.
 
 use async_trait::async_trait;
-use flexbridge_core::metrics::{Metrics, SinkMetrics};
+use flexbridge_core::cloudevents::Encoded;
+use flexbridge_core::metrics::Gauge;
 use flexbridge_core::route::Template;
-use flexbridge_core::schema::v1::STRUCTURED_CONTENT_TYPE;
-use flexbridge_core::{ContentMode, Event, Retry, Sink, SinkError};
+use flexbridge_core::{
+    Binding, BuildError, ContentMode, Event, Limits, Retry, Sink, SinkConfig, SinkContext,
+    SinkError,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -111,9 +114,10 @@ fn default_linger() -> Duration {
 
 impl KafkaSinkConfig {
     /// Every problem, as `sinks.<name>.<key>: message`.
-    pub fn validate(&self) -> Vec<String> {
+    fn check(&self, limits: &Limits) -> (Option<KafkaPlan>, Vec<String>) {
         let key = |k: &str| format!("sinks.{}.{k}", self.name);
         let mut errors = Vec::new();
+        let mut topic = None;
         if self.brokers.trim().is_empty() {
             errors.push(format!("{}: at least one broker is needed", key("brokers")));
         }
@@ -132,12 +136,22 @@ impl KafkaSinkConfig {
                         self.topic
                     ));
                 }
+                topic = Some(t);
             }
         }
-        if let Some(k) = &self.key {
-            if let Err(e) = Template::parse(k) {
+        let record_key = match self.key.as_deref().map(Template::parse).transpose() {
+            Ok(k) => k,
+            Err(e) => {
                 errors.push(format!("{}: {e}", key("key")));
+                None
             }
+        };
+        if self.message_timeout >= limits.ack_timeout {
+            errors.push(format!(
+                "{}: must stay below delivery.ack_timeout ({}), or a record may land after the webhook was answered 503",
+                key("message_timeout"),
+                humantime::format_duration(limits.ack_timeout)
+            ));
         }
         if self.message_timeout.is_zero() {
             errors.push(format!(
@@ -153,20 +167,22 @@ impl KafkaSinkConfig {
                 ));
             }
         }
-        errors
+        let plan = topic.map(|topic| KafkaPlan {
+            topic,
+            key: record_key,
+        });
+        (plan, errors)
     }
 }
 
-/// Errors building the sink.
-#[derive(Debug, thiserror::Error)]
-pub enum KafkaSinkError {
-    /// The configuration is invalid.
-    #[error("invalid kafka sink configuration: {}", .0.join("; "))]
-    Config(Vec<String>),
-    /// librdkafka refused the configuration.
-    #[error("librdkafka refused the producer configuration")]
-    Client(#[source] KafkaError),
+/// What validation parsed: the topic and key templates.
+pub struct KafkaPlan {
+    topic: Template,
+    key: Option<Template>,
 }
+
+/// `flexbridge_sink_queue_depth{sink}`.
+const QUEUE_DEPTH: &str = "flexbridge_sink_queue_depth";
 
 /// Makes a value topic-safe: characters outside `[A-Za-z0-9._-]` become `_`.
 pub fn topic_value(value: &str, out: &mut String) {
@@ -187,17 +203,29 @@ pub struct KafkaSink {
     key: Option<Template>,
     content_mode: ContentMode,
     message_timeout: Duration,
-    metrics: SinkMetrics,
+    queue_depth: Gauge,
 }
 
-impl KafkaSink {
+#[async_trait]
+impl SinkConfig for KafkaSinkConfig {
+    type Plan = KafkaPlan;
+    type Sink = KafkaSink;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn plan(&self, limits: &Limits) -> Result<KafkaPlan, Vec<String>> {
+        match self.check(limits) {
+            (Some(plan), errors) if errors.is_empty() => Ok(plan),
+            (_, errors) => Err(errors),
+        }
+    }
+
     /// Builds the producer. A broker that is down is not an error: librdkafka keeps trying,
     /// and the health check reports it.
-    pub fn connect(config: &KafkaSinkConfig, metrics: &Metrics) -> Result<Self, KafkaSinkError> {
-        let errors = config.validate();
-        if !errors.is_empty() {
-            return Err(KafkaSinkError::Config(errors));
-        }
+    async fn build(&self, plan: KafkaPlan, context: &SinkContext) -> Result<KafkaSink, BuildError> {
+        let config = self;
         let mut client = ClientConfig::new();
         client
             .set("bootstrap.servers", &config.brokers)
@@ -214,57 +242,39 @@ impl KafkaSink {
             client.set(key, value);
         }
         client.set("enable.idempotence", "true").set("acks", "all");
-        let producer: FutureProducer = client.create().map_err(KafkaSinkError::Client)?;
-        let parse =
-            |t: &str| Template::parse(t).map_err(|e| KafkaSinkError::Config(vec![e.to_string()]));
-        Ok(Self {
+        let producer: FutureProducer = client
+            .create()
+            .map_err(|e| BuildError::open("librdkafka refused the producer configuration", e))?;
+        Ok(KafkaSink {
             name: config.name.clone(),
             producer,
-            topic: parse(&config.topic)?,
-            key: config.key.as_deref().map(parse).transpose()?,
+            topic: plan.topic,
+            key: plan.key,
             content_mode: config.content_mode,
             message_timeout: config.message_timeout,
-            metrics: metrics.for_sink(&config.name),
+            queue_depth: context.gauge(
+                QUEUE_DEPTH,
+                "Records waiting in the client library for the broker, sampled at each health check.",
+            )?,
         })
-    }
-
-    fn headers(&self, event: &Event) -> OwnedHeaders {
-        let mut headers = OwnedHeaders::new_with_capacity(10);
-        match self.content_mode {
-            ContentMode::Binary => {
-                for (name, value) in event.attributes() {
-                    headers = headers.insert(Header {
-                        key: &header_name(name),
-                        value: Some(value),
-                    });
-                }
-                headers.insert(Header {
-                    key: "content-type",
-                    value: Some(event.data_content_type()),
-                })
-            }
-            ContentMode::Structured => headers.insert(Header {
-                key: "content-type",
-                value: Some(STRUCTURED_CONTENT_TYPE),
-            }),
-        }
     }
 }
 
-/// `ce_` + the attribute name, the Kafka binding's header.
-fn header_name(attribute: &str) -> std::borrow::Cow<'static, str> {
-    std::borrow::Cow::Borrowed(match attribute {
-        "specversion" => "ce_specversion",
-        "id" => "ce_id",
-        "source" => "ce_source",
-        "type" => "ce_type",
-        "subject" => "ce_subject",
-        "time" => "ce_time",
-        "datacontenttype" => "ce_datacontenttype",
-        "dataschema" => "ce_dataschema",
-        "partitionkey" => "ce_partitionkey",
-        other => return std::borrow::Cow::Owned(format!("ce_{other}")),
-    })
+impl KafkaSink {
+    /// The record headers: the attributes in binary mode, and `content-type` in both modes.
+    fn headers(encoded: &Encoded<'_>) -> OwnedHeaders {
+        let mut headers = OwnedHeaders::new_with_capacity(10);
+        for (key, value) in encoded.headers() {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        headers.insert(Header {
+            key: "content-type",
+            value: Some(encoded.content_type),
+        })
+    }
 }
 
 /// Maps a producer error to retryable or permanent.
@@ -323,24 +333,17 @@ impl Sink for KafkaSink {
         &self.name
     }
 
-    fn kind(&self) -> &'static str {
-        "kafka"
-    }
-
     async fn publish(&self, event: &Event) -> Result<(), SinkError> {
         let topic = self.topic.render_with(event, topic_value);
         let key = match &self.key {
             Some(template) => std::borrow::Cow::Owned(template.render(event)),
             None => std::borrow::Cow::Borrowed(event.partition_key()),
         };
-        let payload = match self.content_mode {
-            ContentMode::Binary => event.data_json(),
-            ContentMode::Structured => event.envelope_json(),
-        };
+        let encoded = Binding::Kafka.encode(event, self.content_mode);
         let record = FutureRecord::to(&topic)
             .key(key.as_ref())
-            .payload(payload.as_ref())
-            .headers(self.headers(event));
+            .payload(encoded.payload.as_ref())
+            .headers(Self::headers(&encoded));
         // Waiting for room in a full local queue counts against the same deadline.
         self.producer
             .send(record, Timeout::After(self.message_timeout))
@@ -350,8 +353,7 @@ impl Sink for KafkaSink {
     }
 
     async fn health(&self) -> Result<(), SinkError> {
-        self.metrics
-            .queue_depth
+        self.queue_depth
             .set(i64::from(self.producer.in_flight_count()));
         let producer = self.producer.clone();
         // fetch_metadata blocks: keep it off the runtime's workers.

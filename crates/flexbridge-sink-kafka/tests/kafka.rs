@@ -4,7 +4,7 @@
 //! tests; they never skip.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
-use flexbridge_core::{ContentMode, EventKind, Sink};
+use flexbridge_core::{ContentMode, EventKind, Limits, Sink, SinkConfig, SinkContext};
 use flexbridge_sink_kafka::{KafkaSink, KafkaSinkConfig, Properties};
 use flexbridge_testkit::{event, every_kind, unique};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -17,8 +17,9 @@ use rdkafka::ClientConfig;
 use std::collections::HashMap;
 use std::time::Duration;
 
-fn metrics() -> flexbridge_core::metrics::Metrics {
-    flexbridge_core::metrics::Metrics::register(&prometheus::Registry::new()).unwrap()
+async fn connect(config: &KafkaSinkConfig) -> KafkaSink {
+    let context = SinkContext::standalone(&config.name).unwrap();
+    config.open(&Limits::default(), &context).await.unwrap()
 }
 
 fn config(brokers: String, topic: String) -> KafkaSinkConfig {
@@ -38,11 +39,7 @@ fn config(brokers: String, topic: String) -> KafkaSinkConfig {
 async fn an_injected_permanent_error_is_permanent() {
     let mock = MockCluster::new(1).unwrap();
     mock.create_topic("fb-mock", 1, 1).unwrap();
-    let sink = KafkaSink::connect(
-        &config(mock.bootstrap_servers(), "fb-mock".into()),
-        &metrics(),
-    )
-    .unwrap();
+    let sink = connect(&config(mock.bootstrap_servers(), "fb-mock".into())).await;
     sink.publish(&event(EventKind::ChannelCreated, 1))
         .await
         .unwrap();
@@ -64,7 +61,7 @@ async fn an_injected_retryable_error_is_retryable() {
     mock.create_topic("fb-mock", 1, 1).unwrap();
     let mut c = config(mock.bootstrap_servers(), "fb-mock".into());
     c.message_timeout = Duration::from_secs(1);
-    let sink = KafkaSink::connect(&c, &metrics()).unwrap();
+    let sink = connect(&c).await;
     // Set-up: the first publish also connects and initialises the idempotent producer, which
     // can take longer than the short 1 s timeout this test needs on a loaded machine.
     let started = std::time::Instant::now();
@@ -168,11 +165,7 @@ async fn every_event_type_round_trips_with_headers_key_and_topic() {
         .map(|k| format!("{prefix}.{}", k.short_name()))
         .collect();
     create_topics(&topics).await;
-    let sink = KafkaSink::connect(
-        &config(brokers(), format!("{prefix}.{{event}}")),
-        &metrics(),
-    )
-    .unwrap();
+    let sink = connect(&config(brokers(), format!("{prefix}.{{event}}"))).await;
     sink.health().await.unwrap();
     let events = every_kind();
     for e in &events {
@@ -208,7 +201,7 @@ async fn structured_mode_round_trips_as_a_cloudevent() {
     create_topics(std::slice::from_ref(&topic)).await;
     let mut c = config(brokers(), topic.clone());
     c.content_mode = ContentMode::Structured;
-    let sink = KafkaSink::connect(&c, &metrics()).unwrap();
+    let sink = connect(&c).await;
     let e = event(EventKind::ParticipantJoined, 1);
     sink.publish(&e).await.unwrap();
     let records = read_all(std::slice::from_ref(&topic), 1);
@@ -228,7 +221,7 @@ async fn structured_mode_round_trips_as_a_cloudevent() {
 async fn an_unknown_topic_is_a_permanent_error() {
     let mut c = config(brokers(), unique("fbtest-missing."));
     c.message_timeout = Duration::from_secs(3);
-    let sink = KafkaSink::connect(&c, &metrics()).unwrap();
+    let sink = connect(&c).await;
     let err = sink
         .publish(&event(EventKind::ChannelCreated, 1))
         .await

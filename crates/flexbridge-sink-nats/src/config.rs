@@ -192,10 +192,11 @@ fn redacted<S: Serializer>(urls: &[String], serializer: S) -> Result<S::Ok, S::E
 }
 
 impl NatsSinkConfig {
-    /// Every problem, as `sinks.<name>.<key>: message`.
-    pub fn validate(&self) -> Vec<String> {
+    /// The parsed subject template, and every problem as `sinks.<name>.<key>: message`.
+    pub(crate) fn check(&self) -> (Option<Template>, Vec<String>) {
         let key = |k: &str| format!("sinks.{}.{k}", self.name);
         let mut errors = Vec::new();
+        let mut subject = None;
         if self.url.is_empty() || self.url.iter().any(|u| u.trim().is_empty()) {
             errors.push(format!("{}: at least one server URL is needed", key("url")));
         }
@@ -215,6 +216,7 @@ impl NatsSinkConfig {
                         self.subject
                     ));
                 }
+                subject = Some(t);
             }
         }
         let methods = [
@@ -270,6 +272,6 @@ impl NatsSinkConfig {
                 errors.push(format!("{}: needs jetstream = true", key("stream")));
             }
         }
-        errors
+        (subject, errors)
     }
 }

@@ -14,33 +14,24 @@ use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, message::PublishMessage};
 use async_nats::HeaderMap;
 use async_trait::async_trait;
-use flexbridge_core::metrics::{Metrics, SinkMetrics};
+use flexbridge_core::metrics::Counter;
 use flexbridge_core::route::Template;
-use flexbridge_core::schema::v1::STRUCTURED_CONTENT_TYPE;
 use flexbridge_core::secret::redact_url;
-use flexbridge_core::{ContentMode, Event, EventKind, Retry, Sink, SinkError};
+use flexbridge_core::{
+    Binding, BuildError, ContentMode, Event, EventKind, Limits, Retry, Sink, SinkConfig,
+    SinkContext, SinkError,
+};
 use percent_encoding::{AsciiSet, CONTROLS};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-/// Errors connecting the sink.
-#[derive(Debug, thiserror::Error)]
-pub enum NatsSinkError {
-    /// The configuration is invalid.
-    #[error("invalid nats sink configuration: {}", .0.join("; "))]
-    Config(Vec<String>),
-    /// The credentials file could not be read.
-    #[error("cannot read the NATS credentials file")]
-    Credentials(#[source] std::io::Error),
-    /// Connecting failed for a reason retrying will not fix.
-    #[error("cannot connect to NATS at {servers}")]
-    Connect {
-        /// The servers, credentials redacted.
-        servers: String,
-        /// The client's error.
-        #[source]
-        source: async_nats::ConnectError,
-    },
+/// `flexbridge_sink_duplicates_total{sink}`.
+const DUPLICATES: &str = "flexbridge_sink_duplicates_total";
+
+/// What validation parsed: the subject template and the server addresses.
+pub struct NatsPlan {
+    subject: Template,
+    servers: Vec<async_nats::ServerAddr>,
 }
 
 /// Publishes to NATS (JetStream unless configured otherwise).
@@ -54,29 +45,12 @@ pub struct NatsSink {
     check_subjects: Vec<String>,
     stream: Option<StreamConfig>,
     provisioned: AtomicBool,
-    metrics: SinkMetrics,
+    duplicates: Counter,
 }
 
 /// Characters the CloudEvents NATS binding percent-encodes in header values: space, `"`, `%`
 /// and everything outside printable ASCII (non-ASCII bytes are always encoded).
 const HEADER_VALUE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
-
-/// The binding's header for a context attribute: `ce-` + the attribute name (static for every
-/// attribute v1 emits, so the hot path does not format names).
-fn header_name(attribute: &'static str) -> std::borrow::Cow<'static, str> {
-    std::borrow::Cow::Borrowed(match attribute {
-        "specversion" => "ce-specversion",
-        "id" => "ce-id",
-        "source" => "ce-source",
-        "type" => "ce-type",
-        "subject" => "ce-subject",
-        "time" => "ce-time",
-        "datacontenttype" => "ce-datacontenttype",
-        "dataschema" => "ce-dataschema",
-        "partitionkey" => "ce-partitionkey",
-        other => return std::borrow::Cow::Owned(format!("ce-{other}")),
-    })
-}
 
 /// Makes a value one safe subject token: `.`, `*`, `>`, white space, control and non-ASCII
 /// characters become `_`.
@@ -101,20 +75,47 @@ pub fn wildcard_subject(template: &Template, kind: EventKind) -> String {
         .join(".")
 }
 
-impl NatsSink {
+#[async_trait]
+impl SinkConfig for NatsSinkConfig {
+    type Plan = NatsPlan;
+    type Sink = NatsSink;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn plan(&self, _limits: &Limits) -> Result<NatsPlan, Vec<String>> {
+        let (subject, mut errors) = self.check();
+        let servers: Vec<async_nats::ServerAddr> = self
+            .url
+            .iter()
+            .filter_map(|u| {
+                u.parse()
+                    .map_err(|e: std::io::Error| {
+                        errors.push(format!("sinks.{}.url: {}: {e}", self.name, redact_url(u)))
+                    })
+                    .ok()
+            })
+            .collect();
+        match subject {
+            Some(subject) if errors.is_empty() => Ok(NatsPlan { subject, servers }),
+            _ => Err(errors),
+        }
+    }
+
     /// Connects. An unreachable server is not an error: the client keeps retrying in the
     /// background and the health check reports it until it connects.
-    pub async fn connect(
-        config: &NatsSinkConfig,
-        metrics: &Metrics,
-    ) -> Result<Self, NatsSinkError> {
-        let errors = config.validate();
-        if !errors.is_empty() {
-            return Err(NatsSinkError::Config(errors));
-        }
-        let subject = Template::parse(&config.subject)
-            .map_err(|e| NatsSinkError::Config(vec![e.to_string()]))?;
-        let sink_metrics = metrics.for_sink(&config.name);
+    async fn build(&self, plan: NatsPlan, context: &SinkContext) -> Result<NatsSink, BuildError> {
+        let config = self;
+        let NatsPlan {
+            subject,
+            servers: addrs,
+        } = plan;
+        let sink_metrics = context.shared();
+        let duplicates = context.counter(
+            DUPLICATES,
+            "Publishes the broker reported as duplicates of an event it already had.",
+        )?;
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("flexbridge {}", config.name))
             .connection_timeout(config.connect_timeout)
@@ -132,7 +133,7 @@ impl NatsSink {
             options = options
                 .credentials_file(path)
                 .await
-                .map_err(NatsSinkError::Credentials)?;
+                .map_err(|e| BuildError::open("cannot read the NATS credentials file", e))?;
         }
         if config.tls.required {
             options = options.require_tls(true);
@@ -171,21 +172,10 @@ impl NatsSink {
             .map(|u| redact_url(u))
             .collect::<Vec<_>>()
             .join(",");
-        let addrs: Vec<async_nats::ServerAddr> = config
-            .url
-            .iter()
-            .map(|u| u.parse())
-            .collect::<Result<_, _>>()
-            .map_err(|e: std::io::Error| {
-                NatsSinkError::Config(vec![format!("url: {servers}: {e}")])
-            })?;
         let client = options
             .connect(addrs)
             .await
-            .map_err(|source| NatsSinkError::Connect {
-                servers: servers.clone(),
-                source,
-            })?;
+            .map_err(|e| BuildError::open(format!("cannot connect to NATS at {servers}"), e))?;
         // Give the first connection a moment so a healthy broker is ready from the start; a
         // broker that is down does not stop the daemon (the client keeps retrying).
         let started = tokio::time::Instant::now();
@@ -209,7 +199,7 @@ impl NatsSink {
             .map(|kind| wildcard_subject(&subject, *kind))
             .collect();
         check_subjects.dedup();
-        Ok(Self {
+        Ok(NatsSink {
             name: config.name.clone(),
             client,
             jetstream,
@@ -218,26 +208,24 @@ impl NatsSink {
             check_subjects,
             stream: config.stream.clone(),
             provisioned: AtomicBool::new(false),
-            metrics: sink_metrics,
+            duplicates,
         })
     }
+}
 
+impl NatsSink {
     fn encode(&self, event: &Event) -> (HeaderMap, bytes::Bytes) {
+        let encoded = Binding::Nats.encode(event, self.content_mode);
         let mut headers = HeaderMap::new();
-        match self.content_mode {
-            ContentMode::Binary => {
-                for (name, value) in event.attributes() {
-                    let value: std::borrow::Cow<'_, str> =
-                        percent_encoding::utf8_percent_encode(value, HEADER_VALUE).into();
-                    headers.insert(header_name(name).as_ref(), value.as_ref());
-                }
-                (headers, event.data_json().clone())
-            }
-            ContentMode::Structured => {
-                headers.insert("Content-Type", STRUCTURED_CONTENT_TYPE);
-                (headers, event.envelope_json().clone())
-            }
+        if encoded.is_structured() {
+            headers.insert("Content-Type", encoded.content_type);
         }
+        for (name, value) in encoded.headers() {
+            let value: std::borrow::Cow<'_, str> =
+                percent_encoding::utf8_percent_encode(value, HEADER_VALUE).into();
+            headers.insert(name, value.as_ref());
+        }
+        (headers, encoded.payload.clone())
     }
 
     async fn provision(&self, js: &jetstream::Context) -> Result<(), SinkError> {
@@ -332,10 +320,6 @@ impl Sink for NatsSink {
         &self.name
     }
 
-    fn kind(&self) -> &'static str {
-        "nats"
-    }
-
     async fn publish(&self, event: &Event) -> Result<(), SinkError> {
         if self.client.connection_state() != State::Connected {
             return Err(SinkError::retryable(
@@ -365,7 +349,7 @@ impl Sink for NatsSink {
                     }
                 };
                 if ack.duplicate {
-                    self.metrics.duplicates.inc();
+                    self.duplicates.inc();
                     tracing::debug!(sink = %self.name, event_id = event.id(), stream = %ack.stream, "the stream already had this event");
                 }
             }
@@ -440,23 +424,6 @@ mod tests {
         );
         let t = Template::parse("flex.acct_{account}.{event}").unwrap();
         assert_eq!(wildcard_subject(&t, EventKind::Unknown), "flex.*.unknown");
-    }
-
-    #[test]
-    fn every_v1_attribute_has_a_static_header_name() {
-        let data = flexbridge_core::InteractionEvent::from_params(vec![
-            ("EventType".into(), "onInteractionCreated".into()),
-            ("AccountSid".into(), "AC1".into()),
-            ("InteractionSid".into(), "KD1".into()),
-        ])
-        .unwrap();
-        let event = Event::new("id".into(), std::time::SystemTime::UNIX_EPOCH, data);
-        for (name, _) in event.attributes() {
-            assert!(
-                matches!(header_name(name), std::borrow::Cow::Borrowed(_)),
-                "{name}"
-            );
-        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use async_nats::jetstream;
 use flexbridge_core::metrics::Metrics;
-use flexbridge_core::{ContentMode, Event, EventKind, Sink};
+use flexbridge_core::{ContentMode, Event, EventKind, Limits, Sink, SinkConfig, SinkContext};
 use flexbridge_sink_nats::{NatsSink, NatsSinkConfig, NatsTls, Retention, Storage, StreamConfig};
 use flexbridge_testkit::{
     assert_publishes_pipelined, cut_under_load_and_recover, event, every_kind, unique, TcpProxy,
@@ -106,8 +106,9 @@ fn config(url: String, subject: String) -> NatsSinkConfig {
 }
 
 async fn connected(config: &NatsSinkConfig) -> (NatsSink, Metrics) {
-    let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
-    let sink = NatsSink::connect(config, &metrics).await.unwrap();
+    let context = SinkContext::standalone(&config.name).unwrap();
+    let sink = config.open(&Limits::default(), &context).await.unwrap();
+    let metrics = context.metrics().clone();
     let started = Instant::now();
     while sink
         .health()
@@ -212,8 +213,8 @@ async fn the_same_event_twice_is_stored_once_and_counted_as_duplicate() {
     sink.publish(&e).await.unwrap();
     assert_eq!(stream.messages().await.len(), 1);
     assert_eq!(
-        metrics.sink_duplicates.with_label_values(&["nats"]).get(),
-        1
+        metrics.sample("flexbridge_sink_duplicates_total", "nats"),
+        Some(1.0)
     );
 }
 
@@ -457,8 +458,13 @@ async fn user_password_and_token_authentication() {
     // A wrong password never connects: the sink reports it instead of publishing.
     c.password = Some(flexbridge_core::Secret::new("wrong"));
     c.connect_timeout = Duration::from_millis(500);
-    let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
-    let refused = NatsSink::connect(&c, &metrics).await.unwrap();
+    let refused = c
+        .open(
+            &Limits::default(),
+            &SinkContext::standalone("nats").unwrap(),
+        )
+        .await
+        .unwrap();
     assert_eq!(refused.health().await.unwrap_err().reason(), "disconnected");
     let err = refused
         .publish(&event(EventKind::ChannelCreated, 2))

@@ -105,7 +105,7 @@ fn redacted<S: Serializer>(uri: &Secret, serializer: S) -> Result<S::Ok, S::Erro
 
 impl RabbitMqSinkConfig {
     /// Every problem, as `sinks.<name>.<key>: message`.
-    pub fn validate(&self) -> Vec<String> {
+    pub(crate) fn check(&self) -> (Option<Template>, Vec<String>) {
         let key = |k: &str| format!("sinks.{}.{k}", self.name);
         let mut errors = Vec::new();
         let uri = self.uri.expose();
@@ -116,9 +116,9 @@ impl RabbitMqSinkConfig {
                 redact_url(uri)
             ));
         }
-        if let Err(e) = Template::parse(&self.routing_key) {
-            errors.push(format!("{}: {e}", key("routing_key")));
-        }
+        let routing_key = Template::parse(&self.routing_key)
+            .map_err(|e| errors.push(format!("{}: {e}", key("routing_key"))))
+            .ok();
         if self.exchange.len() > 255 {
             errors.push(format!("{}: longer than 255 bytes", key("exchange")));
         }
@@ -151,6 +151,6 @@ impl RabbitMqSinkConfig {
                 key("connect_timeout")
             ));
         }
-        errors
+        (routing_key, errors)
     }
 }

@@ -11,12 +11,16 @@ mod config;
 pub use config::{Argument, Declare, QueueDeclare, RabbitMqSinkConfig};
 
 use async_trait::async_trait;
-use flexbridge_core::metrics::{Metrics, SinkMetrics};
+use flexbridge_core::cloudevents::Encoded;
+use flexbridge_core::metrics::Counter;
+use flexbridge_core::metrics::SinkMetrics;
 use flexbridge_core::retry::Backoff;
 use flexbridge_core::route::Template;
-use flexbridge_core::schema::v1::{DATA_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE};
 use flexbridge_core::secret::redact_url;
-use flexbridge_core::{ContentMode, Event, Retry, Sink, SinkError};
+use flexbridge_core::{
+    Binding, BuildError, ContentMode, Event, Limits, Retry, Sink, SinkConfig, SinkContext,
+    SinkError,
+};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
@@ -29,13 +33,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{watch, Notify};
 
-/// Errors building the sink.
-#[derive(Debug, thiserror::Error)]
-pub enum RabbitMqSinkError {
-    /// The configuration is invalid.
-    #[error("invalid rabbitmq sink configuration: {}", .0.join("; "))]
-    Config(Vec<String>),
-}
+/// `flexbridge_sink_returned_total{sink}`.
+const RETURNED: &str = "flexbridge_sink_returned_total";
 
 /// A live connection and its confirm-mode channel.
 struct Link {
@@ -72,7 +71,7 @@ pub struct RabbitMqSink {
     routing_key: Template,
     content_mode: ContentMode,
     shared: Arc<Shared>,
-    metrics: SinkMetrics,
+    returned: Counter,
     stop: watch::Sender<bool>,
 }
 
@@ -87,19 +86,34 @@ pub fn routing_key_value(value: &str, out: &mut String) {
     }));
 }
 
-impl RabbitMqSink {
+#[async_trait]
+impl SinkConfig for RabbitMqSinkConfig {
+    /// The routing key template.
+    type Plan = Template;
+    type Sink = RabbitMqSink;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn plan(&self, _limits: &Limits) -> Result<Template, Vec<String>> {
+        match self.check() {
+            (Some(routing_key), errors) if errors.is_empty() => Ok(routing_key),
+            (_, errors) => Err(errors),
+        }
+    }
+
     /// Starts the connection task. A broker that is down is not an error: the task keeps
     /// retrying and the health check reports it until it connects.
-    pub async fn connect(
-        config: &RabbitMqSinkConfig,
-        metrics: &Metrics,
-    ) -> Result<Self, RabbitMqSinkError> {
-        let errors = config.validate();
-        if !errors.is_empty() {
-            return Err(RabbitMqSinkError::Config(errors));
-        }
-        let routing_key = Template::parse(&config.routing_key)
-            .map_err(|e| RabbitMqSinkError::Config(vec![e.to_string()]))?;
+    async fn build(
+        &self,
+        routing_key: Template,
+        context: &SinkContext,
+    ) -> Result<RabbitMqSink, BuildError> {
+        let returned = context.counter(
+            RETURNED,
+            "Messages the broker returned as unroutable (mandatory publish, no binding).",
+        )?;
         let shared = Arc::new(Shared {
             link: RwLock::new(None),
             problem: RwLock::new(Some(SinkErrorInfo {
@@ -109,33 +123,34 @@ impl RabbitMqSink {
             })),
             broken: Notify::new(),
         });
-        let sink_metrics = metrics.for_sink(&config.name);
         let (stop, stopped) = watch::channel(false);
         let (first_attempt, mut first_attempt_done) = watch::channel(false);
         tokio::spawn(maintain(
-            config.clone(),
+            self.clone(),
             Arc::clone(&shared),
-            sink_metrics.clone(),
+            context.shared(),
             stopped,
             first_attempt,
         ));
         // Let the first attempt finish so a healthy broker is ready from the start.
         let _ = tokio::time::timeout(
-            config.connect_timeout + Duration::from_secs(1),
+            self.connect_timeout + Duration::from_secs(1),
             first_attempt_done.wait_for(|done| *done),
         )
         .await;
-        Ok(Self {
-            name: config.name.clone(),
-            exchange: config.exchange.as_str().into(),
+        Ok(RabbitMqSink {
+            name: self.name.clone(),
+            exchange: self.exchange.as_str().into(),
             routing_key,
-            content_mode: config.content_mode,
+            content_mode: self.content_mode,
             shared,
-            metrics: sink_metrics,
+            returned,
             stop,
         })
     }
+}
 
+impl RabbitMqSink {
     fn current(&self) -> Result<Arc<Link>, SinkError> {
         let problem = self.shared.problem.read().ok().and_then(|p| p.clone());
         if let Some(problem) = problem.as_ref().filter(|p| p.retry == Retry::Permanent) {
@@ -154,29 +169,22 @@ impl RabbitMqSink {
         }
     }
 
-    fn properties(&self, event: &Event) -> BasicProperties {
-        let timestamp = event_timestamp(event);
+    fn properties(event: &Event, encoded: &Encoded<'_>) -> BasicProperties {
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_message_id(event.id().into())
-            .with_timestamp(timestamp)
+            .with_timestamp(event_timestamp(event))
             .with_app_id("flexbridge".into())
-            .with_type(event.event_type().into());
-        match self.content_mode {
-            ContentMode::Binary => {
-                let mut headers = FieldTable::default();
-                for (name, value) in event.attributes() {
-                    headers.insert(
-                        header_name(name),
-                        AMQPValue::LongString(LongString::from(value)),
-                    );
-                }
-                properties
-                    .with_content_type(DATA_CONTENT_TYPE.into())
-                    .with_headers(headers)
-            }
-            ContentMode::Structured => properties.with_content_type(STRUCTURED_CONTENT_TYPE.into()),
+            .with_type(event.ce_type().into())
+            .with_content_type(encoded.content_type.into());
+        if encoded.is_structured() {
+            return properties;
         }
+        let mut headers = FieldTable::default();
+        for (name, value) in encoded.headers() {
+            headers.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
+        }
+        properties.with_headers(headers)
     }
 }
 
@@ -186,23 +194,6 @@ fn event_timestamp(event: &Event) -> u64 {
         .received_at()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// `cloudEvents_` + the attribute name, the AMQP binding's header for RabbitMQ 0-9-1.
-fn header_name(attribute: &'static str) -> ShortString {
-    let name = match attribute {
-        "specversion" => "cloudEvents_specversion",
-        "id" => "cloudEvents_id",
-        "source" => "cloudEvents_source",
-        "type" => "cloudEvents_type",
-        "subject" => "cloudEvents_subject",
-        "time" => "cloudEvents_time",
-        "datacontenttype" => "cloudEvents_datacontenttype",
-        "dataschema" => "cloudEvents_dataschema",
-        "partitionkey" => "cloudEvents_partitionkey",
-        other => return format!("cloudEvents_{other}").into(),
-    };
-    name.into()
 }
 
 fn lapin_error(reason: &'static str, error: lapin::Error) -> SinkError {
@@ -215,17 +206,10 @@ impl Sink for RabbitMqSink {
         &self.name
     }
 
-    fn kind(&self) -> &'static str {
-        "rabbitmq"
-    }
-
     async fn publish(&self, event: &Event) -> Result<(), SinkError> {
         let link = self.current()?;
         let routing_key = self.routing_key.render_with(event, routing_key_value);
-        let payload = match self.content_mode {
-            ContentMode::Binary => event.data_json(),
-            ContentMode::Structured => event.envelope_json(),
-        };
+        let encoded = Binding::Amqp.encode(event, self.content_mode);
         let confirm = link
             .channel
             .basic_publish(
@@ -235,8 +219,8 @@ impl Sink for RabbitMqSink {
                     mandatory: true,
                     ..BasicPublishOptions::default()
                 },
-                payload,
-                self.properties(event),
+                encoded.payload,
+                Self::properties(event, &encoded),
             )
             .await
             .map_err(|e| {
@@ -249,7 +233,7 @@ impl Sink for RabbitMqSink {
         })? {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(returned)) => {
-                self.metrics.returned.inc();
+                self.returned.inc();
                 Err(SinkError::permanent(
                     "unroutable",
                     format!(

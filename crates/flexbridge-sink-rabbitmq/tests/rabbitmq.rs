@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
 use flexbridge_core::metrics::Metrics;
-use flexbridge_core::{ContentMode, EventKind, Secret, Sink};
+use flexbridge_core::{ContentMode, EventKind, Limits, Secret, Sink, SinkConfig, SinkContext};
 use flexbridge_sink_rabbitmq::{Argument, Declare, QueueDeclare, RabbitMqSink, RabbitMqSinkConfig};
 use flexbridge_testkit::{
     assert_publishes_pipelined, cut_under_load_and_recover, event, every_kind, unique, TcpProxy,
@@ -119,9 +119,9 @@ fn config(uri: String, exchange: &str, declare: Option<Declare>) -> RabbitMqSink
 }
 
 async fn open(config: &RabbitMqSinkConfig) -> (RabbitMqSink, Metrics) {
-    let metrics = Metrics::register(&prometheus::Registry::new()).unwrap();
-    let sink = RabbitMqSink::connect(config, &metrics).await.unwrap();
-    (sink, metrics)
+    let context = SinkContext::standalone(&config.name).unwrap();
+    let sink = config.open(&Limits::default(), &context).await.unwrap();
+    (sink, context.metrics().clone())
 }
 
 fn text(value: &AMQPValue) -> String {
@@ -164,7 +164,7 @@ async fn every_event_type_round_trips_with_headers_properties_and_routing_key() 
         assert_eq!(p.message_id().as_ref().unwrap().as_str(), e.id());
         assert_eq!(*p.delivery_mode(), Some(2));
         assert_eq!(p.app_id().as_ref().unwrap().as_str(), "flexbridge");
-        assert_eq!(p.kind().as_ref().unwrap().as_str(), e.event_type());
+        assert_eq!(p.kind().as_ref().unwrap().as_str(), e.ce_type());
         let received = e
             .received_at()
             .duration_since(std::time::UNIX_EPOCH)
@@ -204,8 +204,8 @@ async fn an_unroutable_message_is_an_error_not_a_success() {
     assert!(!err.is_retryable());
     assert!(err.to_string().contains("no queue is bound"), "{err}");
     assert_eq!(
-        metrics.sink_returned.with_label_values(&["rabbit"]).get(),
-        1
+        metrics.sample("flexbridge_sink_returned_total", "rabbit"),
+        Some(1.0)
     );
 }
 

@@ -2,12 +2,11 @@
 //! `FLEXBRIDGE__SECTION__KEY`, then defaults. Validation is a pure step that reports every
 //! problem at once, before anything is bound or connected.
 
+pub use crate::sinks::SinkConfig;
+use flexbridge_core::Limits;
 use flexbridge_core::{DeliveryConfig, Secret};
 use flexbridge_ingress::{IngressConfig, TwilioConfig};
-use flexbridge_sink_file::{FileSinkConfig, StdoutSinkConfig};
-use flexbridge_sink_kafka::KafkaSinkConfig;
-use flexbridge_sink_nats::NatsSinkConfig;
-use flexbridge_sink_rabbitmq::RabbitMqSinkConfig;
+use flexbridge_sink_file::StdoutSinkConfig;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -173,6 +172,15 @@ fn validate_webhooks(webhooks: &[WebhookDecl]) -> Vec<String> {
     errors
 }
 
+impl AppConfig {
+    /// What every sink's validation must respect.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            ack_timeout: self.delivery.ack_timeout,
+        }
+    }
+}
+
 impl Default for AppConfig {
     fn default() -> Self {
         Self {
@@ -188,39 +196,10 @@ impl Default for AppConfig {
 }
 
 fn default_sinks() -> Vec<SinkConfig> {
-    vec![SinkConfig::Stdout(StdoutSinkConfig {
+    vec![SinkConfig::Stdout(Box::new(StdoutSinkConfig {
         name: "stdout".to_owned(),
         pretty: false,
-    })]
-}
-
-/// One `[[sinks]]` entry, selected by `type`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum SinkConfig {
-    /// `type = "file"`
-    File(FileSinkConfig),
-    /// `type = "stdout"`
-    Stdout(StdoutSinkConfig),
-    /// `type = "nats"`
-    Nats(Box<NatsSinkConfig>),
-    /// `type = "rabbitmq"`
-    Rabbitmq(Box<RabbitMqSinkConfig>),
-    /// `type = "kafka"`
-    Kafka(Box<KafkaSinkConfig>),
-}
-
-impl SinkConfig {
-    /// The sink's name.
-    pub fn name(&self) -> &str {
-        match self {
-            Self::File(c) => &c.name,
-            Self::Stdout(c) => &c.name,
-            Self::Nats(c) => &c.name,
-            Self::Rabbitmq(c) => &c.name,
-            Self::Kafka(c) => &c.name,
-        }
-    }
+    }))]
 }
 
 /// `[admin]`: the health, readiness and metrics listener.
@@ -415,6 +394,7 @@ pub fn validate(config: &AppConfig) -> Vec<String> {
         }
     }
     errors.extend(validate_webhooks(&config.webhooks));
+    let limits = config.limits();
     let mut names = HashSet::new();
     for (i, sink) in config.sinks.iter().enumerate() {
         let name = sink.name();
@@ -430,24 +410,7 @@ pub fn validate(config: &AppConfig) -> Vec<String> {
         if !names.insert(name) {
             errors.push(format!("sinks[{i}].name: {name:?} is used twice"));
         }
-        match sink {
-            SinkConfig::File(file) if file.path.as_os_str().is_empty() => {
-                errors.push(format!("sinks[{i}].path: must not be empty"));
-            }
-            SinkConfig::Nats(nats) => errors.extend(nats.validate()),
-            SinkConfig::Rabbitmq(rabbitmq) => errors.extend(rabbitmq.validate()),
-            SinkConfig::Kafka(kafka) => {
-                errors.extend(kafka.validate());
-                if kafka.message_timeout >= config.delivery.ack_timeout {
-                    errors.push(format!(
-                        "sinks.{}.message_timeout: must stay below delivery.ack_timeout ({}), or a record may land after the webhook was answered 503",
-                        kafka.name,
-                        humantime::format_duration(config.delivery.ack_timeout)
-                    ));
-                }
-            }
-            _ => {}
-        }
+        errors.extend(sink.validate(&limits));
     }
     errors
 }

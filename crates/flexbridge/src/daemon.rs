@@ -4,12 +4,8 @@ use crate::admin::{self, AdminState};
 use crate::config::{AppConfig, SinkConfig};
 use anyhow::Context as _;
 use flexbridge_core::metrics::Metrics;
-use flexbridge_core::{Delivery, Sink};
+use flexbridge_core::{Delivery, Sink, SinkContext};
 use flexbridge_ingress::Ingress;
-use flexbridge_sink_file::{FileSink, StdoutSink};
-use flexbridge_sink_kafka::KafkaSink;
-use flexbridge_sink_nats::NatsSink;
-use flexbridge_sink_rabbitmq::RabbitMqSink;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -25,25 +21,18 @@ pub struct Running {
 /// Opens every configured sink. A broker that is down is not an error here: its sink keeps
 /// reconnecting and reports unhealthy until it is back.
 pub async fn open_sinks(
-    configs: &[SinkConfig],
+    config: &AppConfig,
     metrics: &Metrics,
 ) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
-    let mut sinks: Vec<Arc<dyn Sink>> = Vec::with_capacity(configs.len());
-    for config in configs {
-        let context = || format!("sink {}", config.name());
-        sinks.push(match config {
-            SinkConfig::File(c) => Arc::new(FileSink::open(c).with_context(context)?),
-            SinkConfig::Stdout(c) => Arc::new(StdoutSink::open(c).with_context(context)?),
-            SinkConfig::Nats(c) => {
-                Arc::new(NatsSink::connect(c, metrics).await.with_context(context)?)
-            }
-            SinkConfig::Rabbitmq(c) => Arc::new(
-                RabbitMqSink::connect(c, metrics)
-                    .await
-                    .with_context(context)?,
-            ),
-            SinkConfig::Kafka(c) => Arc::new(KafkaSink::connect(c, metrics).with_context(context)?),
-        });
+    let limits = config.limits();
+    let mut sinks = Vec::with_capacity(config.sinks.len());
+    for sink in &config.sinks {
+        let context = SinkContext::new(metrics, sink.name());
+        sinks.push(
+            sink.open(&limits, &context)
+                .await
+                .with_context(|| format!("sink {}", sink.name()))?,
+        );
     }
     Ok(sinks)
 }
@@ -80,7 +69,7 @@ pub async fn start_on(
     if config.ingress.public_url.is_none() && !config.ingress.trust_forwarded_headers {
         tracing::warn!("ingress.public_url is not set: the signed URL is rebuilt from the Host header as http://, which fails behind a TLS proxy");
     }
-    let sinks = open_sinks(&config.sinks, &metrics).await?;
+    let sinks = open_sinks(&config, &metrics).await?;
     let delivery = Arc::new(Delivery::new(sinks, &config.delivery, &metrics).map_err(
         |errors| {
             let errors: Vec<String> = errors.iter().map(|e| format!("delivery: {e}")).collect();

@@ -22,10 +22,10 @@ pub async fn run() -> anyhow::Result<()> {
     let mut config = AppConfig::default();
     config.ingress.public_url = Some(format!("http://127.0.0.1:{port}"));
     config.twilio.auth_tokens = vec![Secret::new(token.clone())];
-    config.sinks = vec![SinkConfig::Stdout(StdoutSinkConfig {
+    config.sinks = vec![SinkConfig::Stdout(Box::new(StdoutSinkConfig {
         name: "stdout".to_owned(),
         pretty: true,
-    })];
+    }))];
     let running = daemon::start_on(config, ingress_listener, admin_listener).await?;
 
     let target = Target::parse(&format!("http://127.0.0.1:{port}/flex/interactions"))?;

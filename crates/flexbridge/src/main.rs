@@ -5,6 +5,7 @@ mod config;
 mod daemon;
 mod demo;
 mod simulate;
+mod sinks;
 mod traffic;
 mod webhooks;
 

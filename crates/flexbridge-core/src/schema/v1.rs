@@ -14,12 +14,12 @@
 //! - `partitionkey` (extension): the Interaction SID, else the Account SID.
 //! - `id`: see [`event_id`].
 
+use crate::cloudevents::Attribute;
 use crate::event::{EventKind, InteractionEvent, ModelError};
 use crate::webhook::{Verified, WebhookRequest};
 use bytes::Bytes;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use std::sync::OnceLock;
 use std::time::SystemTime;
 
 /// The schema version this module emits.
@@ -37,54 +37,7 @@ pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json; charset
 /// Why a verified request is not an event.
 pub type NormalizeError = ModelError;
 
-/// How a broker sink carries an event (CloudEvents content modes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ContentMode {
-    /// Attributes as protocol headers, `data` as the body.
-    #[default]
-    Binary,
-    /// The whole envelope as the body (`application/cloudevents+json`).
-    Structured,
-}
-
-/// The CloudEvent `type` of a kind.
-pub fn event_type(kind: EventKind) -> &'static str {
-    match kind {
-        EventKind::InteractionCreated => "com.twilio.flex.interactions.interaction.created",
-        EventKind::ChannelCreated => "com.twilio.flex.interactions.channel.created",
-        EventKind::ChannelCreateFailed => "com.twilio.flex.interactions.channel.create_failed",
-        EventKind::ChannelStatusUpdated => "com.twilio.flex.interactions.channel.status_updated",
-        EventKind::ParticipantJoined => "com.twilio.flex.interactions.participant.joined",
-        EventKind::ParticipantLeft => "com.twilio.flex.interactions.participant.left",
-        EventKind::ParticipantUpdated => "com.twilio.flex.interactions.participant.updated",
-        EventKind::Unknown => "com.twilio.flex.interactions.unknown",
-    }
-}
-
-/// The CloudEvent `dataschema` of a kind: `urn:flexbridge:schema:<SchemaId>:1`.
-pub fn data_schema(kind: EventKind) -> &'static str {
-    match kind {
-        EventKind::InteractionCreated => {
-            "urn:flexbridge:schema:FlexInteractions.InteractionCreated:1"
-        }
-        EventKind::ChannelCreated => "urn:flexbridge:schema:FlexInteractions.ChannelCreated:1",
-        EventKind::ChannelCreateFailed => {
-            "urn:flexbridge:schema:FlexInteractions.ChannelCreateFailed:1"
-        }
-        EventKind::ChannelStatusUpdated => {
-            "urn:flexbridge:schema:FlexInteractions.ChannelStatusUpdated:1"
-        }
-        EventKind::ParticipantJoined => {
-            "urn:flexbridge:schema:FlexInteractions.ParticipantJoined:1"
-        }
-        EventKind::ParticipantLeft => "urn:flexbridge:schema:FlexInteractions.ParticipantLeft:1",
-        EventKind::ParticipantUpdated => {
-            "urn:flexbridge:schema:FlexInteractions.ParticipantUpdated:1"
-        }
-        EventKind::Unknown => "urn:flexbridge:schema:FlexInteractions.Unknown:1",
-    }
-}
+pub use crate::cloudevents::ContentMode;
 
 /// The shipped JSON Schema files of v1 (draft 2020-12): file name and content. `flexbridge
 /// schema` prints or writes them.
@@ -168,8 +121,9 @@ pub struct Event {
     received_at: SystemTime,
     time: String,
     data: InteractionEvent,
+    /// The envelope; `data` is its tail, so both are encoded once.
     envelope_json: Bytes,
-    data_json: OnceLock<Bytes>,
+    data_json: Bytes,
 }
 
 #[derive(Serialize)]
@@ -185,7 +139,6 @@ struct Envelope<'a> {
     datacontenttype: &'static str,
     dataschema: &'static str,
     partitionkey: &'a str,
-    data: &'a InteractionEvent,
 }
 
 /// Turns a verified webhook into a v1 event. Fails only when `EventType` or `AccountSid` is
@@ -210,59 +163,15 @@ pub fn normalize(request: Verified<WebhookRequest>) -> Result<Event, NormalizeEr
     Ok(Event::new(id, received_at, data))
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` in UTC, written directly (this runs for every event).
-fn rfc3339_millis(time: SystemTime) -> String {
-    let since_epoch = time
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = since_epoch.as_secs();
-    let millis = since_epoch.subsec_millis();
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    /// Appends `value` as exactly `width` decimal digits.
-    fn digits(out: &mut String, value: u64, width: u32) {
-        for power in (0..width).rev() {
-            let digit = (value / 10u64.pow(power) % 10) as u8;
-            out.push(char::from(b'0' + digit));
-        }
-    }
-    let mut out = String::with_capacity(24);
-    digits(&mut out, year.clamp(0, 9999) as u64, 4);
-    out.push('-');
-    digits(&mut out, month as u64, 2);
-    out.push('-');
-    digits(&mut out, day as u64, 2);
-    out.push('T');
-    digits(&mut out, rem / 3600, 2);
-    out.push(':');
-    digits(&mut out, rem / 60 % 60, 2);
-    out.push(':');
-    digits(&mut out, rem % 60, 2);
-    out.push('.');
-    digits(&mut out, u64::from(millis), 3);
-    out.push('Z');
-    out
-}
-
 impl Event {
-    /// Assembles an event and encodes its envelope.
+    /// Assembles an event and encodes it: `data` once, the envelope around it.
     pub fn new(id: String, received_at: SystemTime, data: InteractionEvent) -> Self {
         let account = data.account_sid();
         let mut source = String::with_capacity(account.len() + 40);
         source.push_str("/twilio/accounts/");
         source.push_str(account);
         source.push_str("/flex/interactions");
-        let time = rfc3339_millis(received_at);
+        let time = humantime::format_rfc3339_millis(received_at).to_string();
         let mut event = Self {
             id,
             source,
@@ -270,32 +179,44 @@ impl Event {
             time,
             data,
             envelope_json: Bytes::new(),
-            data_json: OnceLock::new(),
+            data_json: Bytes::new(),
         };
-        event.envelope_json = Bytes::from(event.encode_envelope());
+        let (envelope, data_start) = event.encode();
+        event.envelope_json = Bytes::from(envelope);
+        // `data` is the envelope's last member: a slice of it, not a second encoding.
+        event.data_json = event
+            .envelope_json
+            .slice(data_start..event.envelope_json.len() - 1);
         event
     }
 
-    fn encode_envelope(&self) -> Vec<u8> {
-        debug_assert!(self.time.len() == 24);
+    /// The envelope JSON, and where `data` starts in it. The attributes are serialized
+    /// without `data`, whose encoding is then appended as the last member.
+    fn encode(&self) -> (Vec<u8>, usize) {
         let envelope = Envelope {
             specversion: SPEC_VERSION,
             id: &self.id,
             source: &self.source,
-            ty: self.event_type(),
+            ty: self.ce_type(),
             subject: self.subject(),
             time: &self.time,
             datacontenttype: DATA_CONTENT_TYPE,
             dataschema: self.data_schema(),
             partitionkey: self.partition_key(),
-            data: &self.data,
         };
         let mut out = Vec::with_capacity(768);
         // Serializing plain strings and maps into a Vec cannot fail.
         if let Err(error) = serde_json::to_writer(&mut out, &envelope) {
             tracing::error!(%error, "encoding an event envelope failed");
         }
-        out
+        out.pop(); // the closing brace
+        out.extend_from_slice(b",\"data\":");
+        let data_start = out.len();
+        if let Err(error) = serde_json::to_writer(&mut out, &self.data) {
+            tracing::error!(%error, "encoding event data failed");
+        }
+        out.push(b'}');
+        (out, data_start)
     }
 
     /// CloudEvent `id`.
@@ -308,9 +229,10 @@ impl Event {
         self.data.kind()
     }
 
-    /// CloudEvent `type`.
-    pub fn event_type(&self) -> &'static str {
-        event_type(self.kind())
+    /// The CloudEvents `type` (`com.twilio.flex.interactions.channel.status_updated`), not
+    /// to be confused with Twilio's `EventType` (`data().event_type()`).
+    pub fn ce_type(&self) -> &'static str {
+        self.kind().names().ce_type
     }
 
     /// CloudEvent `source`.
@@ -335,7 +257,7 @@ impl Event {
 
     /// CloudEvent `dataschema`.
     pub fn data_schema(&self) -> &'static str {
-        data_schema(self.kind())
+        self.kind().names().data_schema
     }
 
     /// CloudEvent `datacontenttype`.
@@ -360,32 +282,25 @@ impl Event {
         &self.envelope_json
     }
 
-    /// `data` alone as JSON (binary content mode), encoded on first use.
+    /// `data` alone as JSON (binary content mode): a slice of the envelope.
     pub fn data_json(&self) -> &Bytes {
-        self.data_json
-            .get_or_init(|| match serde_json::to_vec(&self.data) {
-                Ok(json) => Bytes::from(json),
-                Err(error) => {
-                    tracing::error!(%error, "encoding event data failed");
-                    Bytes::new()
-                }
-            })
+        &self.data_json
     }
 
     /// Every context attribute but `data`, extensions included, as (name, value) in
     /// CloudEvents order; protocol bindings turn them into `ce_*`, `ce-*` or `cloudEvents_*`
     /// headers. `subject` is left out when the event has none.
-    pub fn attributes(&self) -> impl Iterator<Item = (&'static str, &str)> {
+    pub fn attributes(&self) -> impl Iterator<Item = (Attribute, &str)> {
         [
-            ("specversion", Some(SPEC_VERSION)),
-            ("id", Some(self.id())),
-            ("source", Some(self.source())),
-            ("type", Some(self.event_type())),
-            ("subject", self.subject()),
-            ("time", Some(self.time())),
-            ("datacontenttype", Some(DATA_CONTENT_TYPE)),
-            ("dataschema", Some(self.data_schema())),
-            ("partitionkey", Some(self.partition_key())),
+            (Attribute::SpecVersion, Some(SPEC_VERSION)),
+            (Attribute::Id, Some(self.id())),
+            (Attribute::Source, Some(self.source())),
+            (Attribute::Type, Some(self.ce_type())),
+            (Attribute::Subject, self.subject()),
+            (Attribute::Time, Some(self.time())),
+            (Attribute::DataContentType, Some(DATA_CONTENT_TYPE)),
+            (Attribute::DataSchema, Some(self.data_schema())),
+            (Attribute::PartitionKey, Some(self.partition_key())),
         ]
         .into_iter()
         .filter_map(|(name, value)| value.map(|value| (name, value)))
@@ -395,24 +310,31 @@ impl Event {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use crate::event::EventKind;
 
     #[test]
-    fn rfc3339_matches_humantime() {
-        for secs in [
-            0u64,
-            951_782_400,
-            1_796_000_000,
-            4_102_444_799,
-            253_402_300_799,
-        ] {
-            for millis in [0u64, 7, 999] {
-                let t = SystemTime::UNIX_EPOCH + Duration::from_millis(secs * 1000 + millis);
-                assert_eq!(
-                    rfc3339_millis(t),
-                    humantime::format_rfc3339_millis(t).to_string()
-                );
-            }
+    fn data_is_the_envelopes_data_member() {
+        for kind in EventKind::ALL {
+            let data = InteractionEvent::from_params(vec![
+                (
+                    "EventType".into(),
+                    kind.twilio_name().unwrap_or("onNew").into(),
+                ),
+                ("AccountSid".into(), "AC1".into()),
+                ("InteractionSid".into(), "KD\"1\u{e9}".into()),
+            ])
+            .unwrap();
+            let event = Event::new("id".into(), SystemTime::UNIX_EPOCH, data);
+            let envelope: serde_json::Value =
+                serde_json::from_slice(event.envelope_json()).unwrap();
+            let data: serde_json::Value = serde_json::from_slice(event.data_json()).unwrap();
+            assert_eq!(envelope["data"], data);
+            assert_eq!(envelope["type"], kind.names().ce_type);
+            assert_eq!(envelope["time"], "1970-01-01T00:00:00.000Z");
+            assert_eq!(
+                serde_json::to_vec(event.data()).unwrap(),
+                event.data_json().to_vec()
+            );
         }
     }
 }
