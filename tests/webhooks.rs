@@ -347,7 +347,8 @@ fn create_list_get_update_delete_and_attach() {
         assert!(out.status.success(), "{}", stderr(&out));
     }
     // Five registrations over three pages of two.
-    let all = json_out(&flex.run(&["webhooks", "--output", "json", "list"]));
+    // Group options go after the subcommand too, as users type them.
+    let all = json_out(&flex.run(&["webhooks", "list", "--output", "json"]));
     assert_eq!(all.as_array().unwrap().len(), 5, "{all}");
     let interaction_only = json_out(&flex.run(&[
         "webhooks",
@@ -359,7 +360,7 @@ fn create_list_get_update_delete_and_attach() {
     ]));
     assert_eq!(interaction_only.as_array().unwrap().len(), 2);
 
-    let got = json_out(&flex.run(&["webhooks", "--output", "json", "get", &ttid]));
+    let got = json_out(&flex.run(&["webhooks", "get", &ttid, "--output", "json"]));
     assert_eq!(got["friendly_name"], "bridge", "{got}");
     let updated = json_out(&flex.run(&[
         "webhooks",

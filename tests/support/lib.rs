@@ -2,7 +2,7 @@
 //! sign requests as Twilio does, read its JSON logs and metrics.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -329,26 +329,19 @@ impl Drop for Daemon {
     }
 }
 
-/// A parsed HTTP response.
+/// A response, read by the simulator's HTTP/1.1 parser (the one the load generator uses).
 #[derive(Debug)]
-pub struct Response {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
+pub struct Response(pub flexbridge_simulate::Answer);
+
+impl std::ops::Deref for Response {
+    type Target = flexbridge_simulate::Answer;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Response {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
+    /// The body as JSON; panics with the body when it is not.
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
     }
@@ -364,33 +357,9 @@ pub fn raw(addr: SocketAddr, request: &[u8]) -> Response {
     read_response(&mut stream)
 }
 
-/// Reads one response from a stream (until the server closes).
+/// Reads one response from a stream.
 pub fn read_response(stream: &mut TcpStream) -> Response {
-    let mut bytes = Vec::new();
-    stream.read_to_end(&mut bytes).unwrap();
-    let split = bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(&bytes)));
-    let head = String::from_utf8_lossy(&bytes[..split]).into_owned();
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect();
-    Response {
-        status,
-        headers,
-        body: bytes[split + 4..].to_vec(),
-    }
+    Response(flexbridge_simulate::read_answer(stream).unwrap_or_else(|e| panic!("{e}")))
 }
 
 /// A request to send: method, path, headers, body.

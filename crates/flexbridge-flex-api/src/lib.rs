@@ -17,16 +17,8 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::Duration;
 
-/// The seven documented Interactions event names.
-pub const EVENTS: [&str; 7] = [
-    "onInteractionCreated",
-    "onChannelCreated",
-    "onChannelCreateFailed",
-    "onChannelStatusUpdated",
-    "onParticipantJoined",
-    "onParticipantLeft",
-    "onParticipantUpdated",
-];
+/// The seven documented Interactions event names, from core's table of event kinds.
+pub const EVENTS: [&str; 7] = flexbridge_core::event::TWILIO_EVENT_TYPES;
 
 /// `global` or `interaction`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,44 +171,7 @@ fn render_api_error(status: StatusCode, error: &ApiError) -> String {
     if let Some(more) = &error.more_info {
         text.push_str(&format!(" ({more})"));
     }
-    let hint = match status {
-        StatusCode::UNAUTHORIZED => {
-            Some("check TWILIO_ACCOUNT_SID/TWILIO_AUTH_TOKEN or TWILIO_API_KEY/TWILIO_API_SECRET")
-        }
-        StatusCode::NOT_FOUND => {
-            Some("check the Flex instance SID (TWILIO_FLEX_INSTANCE_SID) and the ttid")
-        }
-        StatusCode::BAD_REQUEST => {
-            Some("a parameter was refused: check the URL, method and event names")
-        }
-        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
-            Some("Twilio is busy; retried, then gave up")
-        }
-        _ => None,
-    };
-    if let Some(hint) = hint {
-        text.push_str(&format!("\nhint: {hint}"));
-    }
     text
-}
-
-impl FlexError {
-    /// The process exit code for this error (documented in the README).
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Self::Api { status, .. }
-                if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN =>
-            {
-                3
-            }
-            Self::Api { status, .. } if *status == StatusCode::NOT_FOUND => 4,
-            Self::Api { status, .. } if status.is_client_error() => 5,
-            Self::Api { .. } => 6,
-            Self::Network { .. } | Self::Timeout { .. } => 7,
-            Self::Decode { .. } => 6,
-            Self::Invalid(_) => 2,
-        }
-    }
 }
 
 /// HTTP Basic credentials: Account SID + Auth Token, or API key SID + secret.
@@ -539,7 +494,7 @@ mod tests {
     }
 
     #[test]
-    fn errors_are_plain_with_hints_and_exit_codes() {
+    fn errors_show_twilios_code_message_and_link() {
         let e = FlexError::Api {
             status: StatusCode::NOT_FOUND,
             error: ApiError {
@@ -550,11 +505,10 @@ mod tests {
             },
         };
         let text = e.to_string();
-        assert!(
-            text.contains("20404") && text.contains("not found") && text.contains("hint:"),
-            "{text}"
+        assert_eq!(
+            text,
+            "Twilio answered 404 Not Found, error 20404: not found (https://www.twilio.com/docs/errors/20404)"
         );
-        assert_eq!(e.exit_code(), 4);
         let creds = Credentials {
             username: "AC1".into(),
             password: Secret::new("tok"),

@@ -6,7 +6,7 @@
 
 use async_trait::async_trait;
 use flexbridge_core::cloudevents::Encoded;
-use flexbridge_core::metrics::Gauge;
+use flexbridge_core::metrics::{Counter, Gauge};
 use flexbridge_core::route::Template;
 use flexbridge_core::{
     Binding, BuildError, ContentMode, Event, Limits, Retry, Sink, SinkConfig, SinkContext,
@@ -20,6 +20,7 @@ use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::RwLock;
 use std::time::Duration;
 
 /// librdkafka properties passed through (TLS, SASL, tuning). Values of keys that hold
@@ -198,7 +199,12 @@ pub fn topic_value(value: &str, out: &mut String) {
 /// Publishes to Kafka.
 pub struct KafkaSink {
     name: String,
-    producer: FutureProducer,
+    /// The producer and its generation; replaced when librdkafka reports a fatal error.
+    producer: RwLock<(u64, FutureProducer)>,
+    /// What a replacement producer is built from.
+    client_config: ClientConfig,
+    /// Producers replaced after a fatal error (counted as reconnections).
+    rebuilds: Counter,
     topic: Template,
     key: Option<Template>,
     content_mode: ContentMode,
@@ -247,7 +253,9 @@ impl SinkConfig for KafkaSinkConfig {
             .map_err(|e| BuildError::open("librdkafka refused the producer configuration", e))?;
         Ok(KafkaSink {
             name: config.name.clone(),
-            producer,
+            producer: RwLock::new((0, producer)),
+            client_config: client,
+            rebuilds: context.shared().reconnections,
             topic: plan.topic,
             key: plan.key,
             content_mode: config.content_mode,
@@ -261,6 +269,50 @@ impl SinkConfig for KafkaSinkConfig {
 }
 
 impl KafkaSink {
+    /// The current producer and its generation (a cheap clone: the producer is shared).
+    fn producer(&self) -> (u64, FutureProducer) {
+        self.producer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces producer `generation` if librdkafka declared it dead. An idempotent producer
+    /// that hits a fatal error (fenced after its epoch was bumped, out-of-order sequence) fails
+    /// every later record: only a new producer publishes again.
+    fn recover(
+        &self,
+        generation: u64,
+        producer: &FutureProducer,
+        error: Option<&KafkaError>,
+    ) -> Option<String> {
+        let (code, reason) = producer.client().fatal_error().or_else(|| {
+            let code = error?.rdkafka_error_code()?;
+            is_dead_producer(code).then(|| (code, code.to_string()))
+        })?;
+        let mut slot = self
+            .producer
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.0 != generation {
+            return Some(reason); // another request already replaced it
+        }
+        match self.client_config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut *slot, (generation + 1, fresh));
+                drop(slot);
+                self.rebuilds.inc();
+                tracing::warn!(sink = %self.name, ?code, %reason, "the Kafka producer hit a fatal error; replaced it with a new one");
+                // Dropping a producer purges its queue and joins its thread: not on a worker.
+                tokio::task::spawn_blocking(move || drop(old));
+            }
+            Err(error) => {
+                tracing::error!(sink = %self.name, %error, "the Kafka producer hit a fatal error and a new one could not be created");
+            }
+        }
+        Some(reason)
+    }
+
     /// The record headers: the attributes in binary mode, and `content-type` in both modes.
     fn headers(encoded: &Encoded<'_>) -> OwnedHeaders {
         let mut headers = OwnedHeaders::new_with_capacity(10);
@@ -275,6 +327,17 @@ impl KafkaSink {
             value: Some(encoded.content_type),
         })
     }
+}
+
+/// Errors after which this producer's identity (producer id and epoch) is unusable: every
+/// later record fails the same way, so the producer must be replaced. librdkafka raises some
+/// as fatal errors, but not a fence after an epoch bump of a non-transactional producer.
+fn is_dead_producer(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::ProducerFenced | C::InvalidProducerEpoch | C::OutOfOrderSequenceNumber | C::Fatal
+    )
 }
 
 /// Maps a producer error to retryable or permanent.
@@ -340,22 +403,47 @@ impl Sink for KafkaSink {
             None => std::borrow::Cow::Borrowed(event.partition_key()),
         };
         let encoded = Binding::Kafka.encode(event, self.content_mode);
-        let record = FutureRecord::to(&topic)
-            .key(key.as_ref())
-            .payload(encoded.payload.as_ref())
-            .headers(Self::headers(&encoded));
-        // Waiting for room in a full local queue counts against the same deadline.
-        self.producer
-            .send(record, Timeout::After(self.message_timeout))
-            .await
-            .map(|_| ())
-            .map_err(|(error, _)| classify(error))
+        let mut replaced = false;
+        loop {
+            let record = FutureRecord::to(&topic)
+                .key(key.as_ref())
+                .payload(encoded.payload.as_ref())
+                .headers(Self::headers(&encoded));
+            let (generation, producer) = self.producer();
+            // Waiting for room in a full local queue counts against the same deadline.
+            let error = match producer
+                .send(record, Timeout::After(self.message_timeout))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err((error, _)) => error,
+            };
+            match self.recover(generation, &producer, Some(&error)) {
+                // The dead producer's records were refused, not written: the replacement
+                // sends this one again, once.
+                Some(_) if !replaced => replaced = true,
+                Some(reason) => {
+                    return Err(SinkError::retryable(
+                        "producer_fatal",
+                        format!("the producer hit a fatal error and was replaced: {reason}"),
+                    )
+                    .with_source(error))
+                }
+                None => return Err(classify(error)),
+            }
+        }
     }
 
     async fn health(&self) -> Result<(), SinkError> {
         self.queue_depth
-            .set(i64::from(self.producer.in_flight_count()));
-        let producer = self.producer.clone();
+            .set(i64::from(self.producer().1.in_flight_count()));
+        let (generation, producer) = self.producer();
+        if let Some(reason) = self.recover(generation, &producer, None) {
+            return Err(SinkError::retryable(
+                "producer_fatal",
+                format!("the producer hit a fatal error and was replaced: {reason}"),
+            ));
+        }
         // fetch_metadata blocks: keep it off the runtime's workers.
         tokio::task::spawn_blocking(move || {
             producer
@@ -375,7 +463,7 @@ impl Sink for KafkaSink {
     }
 
     async fn drain(&self) -> Result<(), SinkError> {
-        let producer = self.producer.clone();
+        let (_, producer) = self.producer();
         let timeout = self.message_timeout;
         tokio::task::spawn_blocking(move || producer.flush(timeout))
             .await

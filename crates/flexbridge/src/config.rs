@@ -3,6 +3,8 @@
 //! problem at once, before anything is bound or connected.
 
 pub use crate::sinks::SinkConfig;
+use crate::webhooks::declarations::validate_webhooks;
+pub use crate::webhooks::declarations::WebhookDecl;
 use flexbridge_core::Limits;
 use flexbridge_core::{DeliveryConfig, Secret};
 use flexbridge_ingress::{IngressConfig, TwilioConfig};
@@ -40,136 +42,6 @@ pub struct AppConfig {
     /// `[[webhooks]]`: the Flex registrations `flexbridge webhooks ensure` maintains.
     #[serde(default)]
     pub webhooks: Vec<WebhookDecl>,
-}
-
-/// One `[[webhooks]]` entry: a registration flexbridge manages.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookDecl {
-    /// Unique name; the registration's friendly name is `flexbridge:<name>`, which is how
-    /// `ensure --prune` recognises what flexbridge manages.
-    pub name: String,
-    /// The URL Twilio calls (usually `ingress.public_url` + `ingress.path`).
-    pub url: String,
-    /// `POST` (default) or `GET`.
-    #[serde(default = "default_method")]
-    pub method: String,
-    /// `global` (default) or `interaction`.
-    #[serde(default, rename = "type")]
-    pub kind: flexbridge_flex_api::WebhookType,
-    /// Events to subscribe to; default all seven.
-    #[serde(default = "all_events")]
-    pub events: Vec<String>,
-    /// Twilio connection overrides appended as `#...`, e.g. `rc=3&rp=5xx,ct,rt` so Twilio
-    /// retries on 5xx (whether Interactions webhooks honour them is unconfirmed).
-    #[serde(default)]
-    pub connection_overrides: Option<String>,
-    /// Accept event names outside the seven documented ones.
-    #[serde(default)]
-    pub allow_unknown_events: bool,
-}
-
-/// The friendly-name prefix of registrations flexbridge manages.
-pub const MANAGED_PREFIX: &str = "flexbridge:";
-
-fn default_method() -> String {
-    "POST".to_owned()
-}
-
-fn all_events() -> Vec<String> {
-    flexbridge_flex_api::EVENTS
-        .iter()
-        .map(|e| (*e).to_owned())
-        .collect()
-}
-
-impl WebhookDecl {
-    /// Every problem, as `webhooks[i].key: message`.
-    pub fn validate(&self, i: usize) -> Vec<String> {
-        let mut errors = Vec::new();
-        if self.name.is_empty() {
-            errors.push(format!("webhooks[{i}].name: must not be empty"));
-        }
-        if !(self.url.starts_with("https://") || self.url.starts_with("http://"))
-            || self.url.contains('#')
-        {
-            errors.push(format!(
-                "webhooks[{i}].url: {:?} must be an http(s) URL without a fragment (use connection_overrides)",
-                self.url
-            ));
-        }
-        if !matches!(self.method.as_str(), "POST" | "GET") {
-            errors.push(format!("webhooks[{i}].method: must be POST or GET"));
-        }
-        if self.events.is_empty() {
-            errors.push(format!(
-                "webhooks[{i}].events: at least one event is needed"
-            ));
-        }
-        if !self.allow_unknown_events {
-            for event in &self.events {
-                if !flexbridge_flex_api::EVENTS.contains(&event.as_str()) {
-                    errors.push(format!(
-                        "webhooks[{i}].events: {event:?} is not one of {} (set allow_unknown_events = true to send it anyway)",
-                        flexbridge_flex_api::EVENTS.join(", ")
-                    ));
-                }
-            }
-        }
-        errors
-    }
-
-    /// The registration this entry describes.
-    pub fn spec(&self) -> flexbridge_flex_api::WebhookSpec {
-        let url = match &self.connection_overrides {
-            Some(overrides) => format!("{}#{}", self.url, overrides.trim_start_matches('#')),
-            None => self.url.clone(),
-        };
-        flexbridge_flex_api::WebhookSpec {
-            kind: self.kind,
-            url,
-            method: self.method.clone(),
-            events: self.events.clone(),
-            friendly_name: Some(format!("{MANAGED_PREFIX}{}", self.name)),
-        }
-    }
-}
-
-/// Reads only the `[[webhooks]]` section of a configuration file (for `webhooks ensure`,
-/// which needs no daemon settings).
-pub fn load_webhooks(path: Option<&Path>) -> Result<Vec<WebhookDecl>, ConfigErrors> {
-    let mut builder = config::Config::builder();
-    if let Some(path) = path {
-        builder = builder.add_source(config::File::from(path).required(true));
-    }
-    let value: Value = builder
-        .build()
-        .and_then(|c| c.try_deserialize())
-        .map_err(|e| ConfigErrors(vec![e.to_string()]))?;
-    let mut errors = Vec::new();
-    let table = value.as_object().cloned().unwrap_or_default();
-    let webhooks: Vec<WebhookDecl> = section(&table, "webhooks", &mut errors);
-    errors.extend(validate_webhooks(&webhooks));
-    if errors.is_empty() {
-        Ok(webhooks)
-    } else {
-        Err(ConfigErrors(errors))
-    }
-}
-
-fn validate_webhooks(webhooks: &[WebhookDecl]) -> Vec<String> {
-    let mut errors = Vec::new();
-    let mut names = HashSet::new();
-    for (i, webhook) in webhooks.iter().enumerate() {
-        errors.extend(webhook.validate(i));
-        if !names.insert(webhook.name.as_str()) {
-            errors.push(format!(
-                "webhooks[{i}].name: {:?} is used twice",
-                webhook.name
-            ));
-        }
-    }
-    errors
 }
 
 impl AppConfig {
@@ -350,7 +222,7 @@ pub fn from_value(value: Value, env_auth_token: Option<&str>) -> Result<AppConfi
     }
 }
 
-fn section<T: DeserializeOwned + Default>(
+pub(crate) fn section<T: DeserializeOwned + Default>(
     table: &serde_json::Map<String, Value>,
     name: &str,
     errors: &mut Vec<String>,

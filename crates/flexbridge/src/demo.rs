@@ -3,10 +3,10 @@
 
 use crate::config::{AppConfig, SinkConfig};
 use crate::daemon;
-use crate::simulate::{write_request, Connection, Encoding, Signer, Target};
-use crate::traffic::Traffic;
 use anyhow::{bail, Context as _};
 use flexbridge_core::Secret;
+use flexbridge_simulate::traffic::Traffic;
+use flexbridge_simulate::{write_request, Connection, Encoding, Signer, Target};
 use flexbridge_sink_file::StdoutSinkConfig;
 use tokio::net::TcpListener;
 

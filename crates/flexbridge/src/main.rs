@@ -4,13 +4,12 @@ mod admin;
 mod config;
 mod daemon;
 mod demo;
-mod simulate;
 mod sinks;
-mod traffic;
 mod webhooks;
 
 use anyhow::Context as _;
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
+use flexbridge_simulate::{self as simulate, traffic};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -305,6 +304,152 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `flexbridge ...` command in the README's shell blocks, continuation lines
+    /// joined and comments removed; `[a|b]` becomes `a`, and `[--opt ...]` is dropped.
+    fn readme_commands() -> Vec<Vec<String>> {
+        let readme = include_str!("../../../README.md");
+        let mut commands = Vec::new();
+        let mut in_shell = false;
+        let mut pending = String::new();
+        for line in readme.lines() {
+            if line.starts_with("```") {
+                in_shell = line == "```sh";
+                continue;
+            }
+            if !in_shell {
+                continue;
+            }
+            let line = line.split(" # ").next().unwrap_or("").trim_end();
+            pending.push_str(line.trim_end_matches('\\'));
+            pending.push(' ');
+            if line.ends_with('\\') {
+                continue;
+            }
+            let text = std::mem::take(&mut pending);
+            let text = text.trim();
+            let Some(rest) = text
+                .strip_prefix("flexbridge ")
+                .or_else(|| text.strip_prefix("cargo run --release -- "))
+            else {
+                continue;
+            };
+            let mut words = vec!["flexbridge".to_owned()];
+            let mut group: Option<String> = None;
+            for word in rest.split_whitespace() {
+                match &mut group {
+                    None if word.starts_with('[') => {
+                        let inner = word.trim_start_matches('[').to_owned();
+                        if let Some(done) = inner.strip_suffix(']') {
+                            words.extend(optional(done));
+                        } else {
+                            group = Some(inner);
+                        }
+                    }
+                    Some(inner) => {
+                        inner.push(' ');
+                        inner.push_str(word.trim_end_matches(']'));
+                        if word.ends_with(']') {
+                            words.extend(optional(inner));
+                            group = None;
+                        }
+                    }
+                    None => words.push(word.to_owned()),
+                }
+            }
+            commands.push(words);
+        }
+        commands
+    }
+
+    /// An optional group as the README writes it: `--type global|interaction` gives
+    /// `--type global`; `--url ...` (a placeholder value) gives nothing.
+    fn optional(inner: &str) -> Vec<String> {
+        if inner.contains("...") {
+            return Vec::new();
+        }
+        inner
+            .split_whitespace()
+            .map(|w| w.split('|').next().unwrap_or(w).to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn the_readmes_commands_parse_as_written() {
+        let commands = readme_commands();
+        let webhooks: Vec<_> = commands
+            .iter()
+            .filter(|c| c.get(1).is_some_and(|w| w == "webhooks"))
+            .collect();
+        assert!(webhooks.len() >= 6, "{commands:?}");
+        assert!(
+            commands.iter().any(
+                |c| c.iter().position(|w| w == "--output") > c.iter().position(|w| w == "list")
+            ),
+            "the README shows an option after the subcommand"
+        );
+        for command in &commands {
+            if let Err(error) = Cli::try_parse_from(command) {
+                panic!("{}: {error}", command.join(" "));
+            }
+        }
+    }
+
+    #[test]
+    fn group_options_go_before_or_after_the_subcommand() {
+        for args in [
+            &[
+                "flexbridge",
+                "webhooks",
+                "list",
+                "--output",
+                "json",
+                "--base-url",
+                "http://x",
+            ][..],
+            &[
+                "flexbridge",
+                "webhooks",
+                "--output",
+                "json",
+                "list",
+                "--base-url",
+                "http://x",
+            ],
+            &[
+                "flexbridge",
+                "webhooks",
+                "get",
+                "TTID",
+                "--instance-sid",
+                "GO1",
+                "--log-format",
+                "json",
+            ],
+            &[
+                "flexbridge",
+                "interactions",
+                "attach-webhook",
+                "--interaction",
+                "KD1",
+                "--ttid",
+                "T",
+                "--account-sid",
+                "AC1",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert!(matches!(
+                cli.command,
+                Command::Webhooks { .. } | Command::Interactions { .. }
+            ));
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Realistic Flex Interactions traffic: valid SIDs and coherent interaction lifecycles.
 
+use flexbridge_core::EventKind;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -59,16 +60,19 @@ impl Traffic {
         let channel = self.sid("UO");
         let account = self.account.clone();
         let instance = self.instance.clone();
-        let event = |name: &str, fields: &[(&str, &str)]| -> Params {
+        let event = |kind: EventKind, fields: &[(&str, &str)]| -> Params {
             let mut params = vec![
-                ("EventType".to_owned(), name.to_owned()),
+                (
+                    "EventType".to_owned(),
+                    kind.twilio_name().unwrap_or_default().to_owned(),
+                ),
                 ("AccountSid".to_owned(), account.clone()),
             ];
             params.extend(fields.iter().map(|(k, v)| (k.to_string(), v.to_string())));
             params
         };
         let mut events = vec![event(
-            "onInteractionCreated",
+            EventKind::InteractionCreated,
             &[
                 ("InstanceSid", &instance),
                 ("InteractionSid", &interaction),
@@ -79,7 +83,7 @@ impl Traffic {
         if fail_only || with_failure {
             let failed_channel = self.sid("UO");
             events.push(event(
-                "onChannelCreateFailed",
+                EventKind::ChannelCreateFailed,
                 &[
                     ("ErrorCode", "45001"),
                     (
@@ -108,15 +112,15 @@ impl Traffic {
             f.push(("MediaChannelType", channel_type));
             f
         };
-        events.push(event("onChannelCreated", &channel_fields(None)));
+        events.push(event(EventKind::ChannelCreated, &channel_fields(None)));
         events.push(event(
-            "onChannelStatusUpdated",
+            EventKind::ChannelStatusUpdated,
             &channel_fields(Some("active")),
         ));
         let customer = self.sid("UT");
         let agent = self.sid("UT");
         let task = self.sid("WT");
-        let participant = |name: &str, who: &str, kind: &str, task: Option<&str>| {
+        let participant = |name: EventKind, who: &str, kind: &str, task: Option<&str>| {
             let mut f = vec![
                 ("InteractionSid", interaction.as_str()),
                 ("ChannelSid", channel.as_str()),
@@ -131,37 +135,37 @@ impl Traffic {
             event(name, &f)
         };
         events.push(participant(
-            "onParticipantJoined",
+            EventKind::ParticipantJoined,
             &customer,
             "customer",
             None,
         ));
         events.push(participant(
-            "onParticipantJoined",
+            EventKind::ParticipantJoined,
             &agent,
             "agent",
             Some(&task),
         ));
         events.push(participant(
-            "onParticipantUpdated",
+            EventKind::ParticipantUpdated,
             &agent,
             "agent",
             Some(&task),
         ));
         events.push(participant(
-            "onParticipantLeft",
+            EventKind::ParticipantLeft,
             &agent,
             "agent",
             Some(&task),
         ));
         events.push(participant(
-            "onParticipantLeft",
+            EventKind::ParticipantLeft,
             &customer,
             "customer",
             None,
         ));
         events.push(event(
-            "onChannelStatusUpdated",
+            EventKind::ChannelStatusUpdated,
             &channel_fields(Some("closed")),
         ));
         events

@@ -1,9 +1,11 @@
-//! `flexbridge simulate`: signed, realistic Flex traffic against any URL, and the load
-//! generator for our own benchmarks. One HTTP/1.1 connection per concurrency slot; each slot
-//! sends one interaction's events in order, so per-interaction order holds at the receiver.
+//! Signed, realistic Flex traffic against any URL: `flexbridge simulate`, `flexbridge demo`,
+//! the load generator of our benchmarks and the HTTP client of the end-to-end tests. One
+//! HTTP/1.1 connection per concurrency slot; each slot sends one interaction's events in
+//! order, so per-interaction order holds at the receiver.
+
+pub mod traffic;
 
 use crate::traffic::{Params, Traffic};
-use anyhow::{bail, Context as _};
 use flexbridge_ingress::signature::{body_sha256, sign, Algorithm};
 use hdrhistogram::Histogram;
 use http::Uri;
@@ -15,8 +17,56 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
+/// Why traffic could not be sent or a response not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    /// The target URL is not a usable `http://` URL.
+    #[error("invalid URL {url:?}: {reason}")]
+    Url {
+        /// The URL given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Connecting, writing or reading failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server closed the connection before a whole response.
+    #[error("the server closed the connection")]
+    Closed,
+    /// The response is not HTTP/1.1 as we read it.
+    #[error("malformed response: {0}")]
+    Malformed(String),
+    /// A JSON body could not be encoded.
+    #[error("encoding the JSON body")]
+    Json(#[from] serde_json::Error),
+    /// The latency histogram refused a value.
+    #[error("latency histogram: {0}")]
+    Histogram(String),
+    /// A worker task panicked.
+    #[error("a simulate worker panicked")]
+    Worker(#[from] tokio::task::JoinError),
+}
+
+impl From<std::io::Error> for SimulateError {
+    fn from(source: std::io::Error) -> Self {
+        Self::Io {
+            context: "I/O error".to_owned(),
+            source,
+        }
+    }
+}
+
+type Result<T, E = SimulateError> = std::result::Result<T, E>;
+
 /// How webhooks are encoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
     /// POST with a form body (Twilio's default).
     Form,
@@ -48,16 +98,22 @@ pub struct Target {
 
 impl Target {
     /// Parses an `http://` URL.
-    pub fn parse(url: &str) -> anyhow::Result<Self> {
+    pub fn parse(url: &str) -> Result<Self> {
+        let invalid = |reason: &str| SimulateError::Url {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
         let uri: Uri = url
             .parse()
-            .with_context(|| format!("invalid URL {url:?}"))?;
+            .map_err(|e: http::uri::InvalidUri| invalid(&e.to_string()))?;
         if uri.scheme_str() != Some("http") {
-            bail!("only http:// URLs are supported (put a TLS proxy in front for https)");
+            return Err(invalid(
+                "only http:// URLs are supported (put a TLS proxy in front for https)",
+            ));
         }
         let authority = uri
             .authority()
-            .context("the URL has no host")?
+            .ok_or_else(|| invalid("the URL has no host"))?
             .as_str()
             .rsplit('@')
             .next()
@@ -107,7 +163,7 @@ pub fn write_request(
     signer: &Signer,
     params: &Params,
     idempotency_token: &str,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let sep = if target.path_and_query.contains('?') {
         '&'
     } else {
@@ -200,12 +256,54 @@ pub struct Connection {
     response: Vec<u8>,
 }
 
-/// A response: status and body.
+/// A response: status, head and body.
+#[derive(Debug, Clone)]
 pub struct Answer {
     /// HTTP status.
     pub status: u16,
+    /// The status line and headers, as received.
+    pub head: Vec<u8>,
     /// The body (chunked encoding removed).
     pub body: Vec<u8>,
+}
+
+impl Answer {
+    /// The first header called `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        std::str::from_utf8(&self.head)
+            .ok()?
+            .split("\r\n")
+            .skip(1)
+            .filter_map(|line| line.split_once(':'))
+            .find(|(key, _)| key.trim().eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.trim())
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Reads one whole response from a blocking stream (tests, tools).
+pub fn read_answer(stream: &mut impl std::io::Read) -> Result<Answer> {
+    let mut buffer = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some((answer, _, _)) = parse_response(&buffer)? {
+            return Ok(answer);
+        }
+        let n = stream
+            .read(&mut chunk)
+            .map_err(|source| SimulateError::Io {
+                context: "reading the response".to_owned(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(SimulateError::Closed);
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
 }
 
 impl Connection {
@@ -226,7 +324,7 @@ impl Connection {
     }
 
     /// Sends the request in the buffer and reads the response. Reconnects when needed.
-    pub async fn send(&mut self) -> anyhow::Result<Answer> {
+    pub async fn send(&mut self) -> Result<Answer> {
         let result = self.exchange().await;
         if result.as_ref().map_or(true, |(_, close)| *close) {
             self.stream = None;
@@ -234,14 +332,18 @@ impl Connection {
         result.map(|(answer, _)| answer)
     }
 
-    async fn exchange(&mut self) -> anyhow::Result<(Answer, bool)> {
+    async fn exchange(&mut self) -> Result<(Answer, bool)> {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let stream = match &mut self.stream {
             Some(stream) => stream,
             None => {
-                let stream = TcpStream::connect(&self.addr)
-                    .await
-                    .with_context(|| format!("cannot connect to {}", self.addr))?;
+                let stream =
+                    TcpStream::connect(&self.addr)
+                        .await
+                        .map_err(|source| SimulateError::Io {
+                            context: format!("cannot connect to {}", self.addr),
+                            source,
+                        })?;
                 let _ = stream.set_nodelay(true);
                 self.response.clear();
                 self.stream.insert(stream)
@@ -255,7 +357,7 @@ impl Connection {
             }
             self.response.reserve(4096);
             if stream.read_buf(&mut self.response).await? == 0 {
-                bail!("the server closed the connection");
+                return Err(SimulateError::Closed);
             }
         }
     }
@@ -263,10 +365,14 @@ impl Connection {
 
 /// A whole response at the start of `buffer`: the answer, the bytes it took, and whether the
 /// server closes the connection. `None` while incomplete.
-fn parse_response(buffer: &[u8]) -> anyhow::Result<Option<(Answer, usize, bool)>> {
+pub fn parse_response(buffer: &[u8]) -> Result<Option<(Answer, usize, bool)>> {
+    let malformed = |what: &str| SimulateError::Malformed(what.to_owned());
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut response = httparse::Response::new(&mut headers);
-    let head = match response.parse(buffer)? {
+    let head = match response
+        .parse(buffer)
+        .map_err(|e| malformed(&e.to_string()))?
+    {
         httparse::Status::Complete(head) => head,
         httparse::Status::Partial => return Ok(None),
     };
@@ -277,7 +383,11 @@ fn parse_response(buffer: &[u8]) -> anyhow::Result<Option<(Answer, usize, bool)>
     for header in response.headers.iter() {
         let value = std::str::from_utf8(header.value).unwrap_or("").trim();
         if header.name.eq_ignore_ascii_case("content-length") {
-            length = Some(value.parse::<usize>().context("bad Content-Length")?);
+            length = Some(
+                value
+                    .parse::<usize>()
+                    .map_err(|_| malformed("bad Content-Length"))?,
+            );
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
             chunked = value.eq_ignore_ascii_case("chunked");
         } else if header.name.eq_ignore_ascii_case("connection") {
@@ -292,9 +402,10 @@ fn parse_response(buffer: &[u8]) -> anyhow::Result<Option<(Answer, usize, bool)>
             let Some(line_end) = rest[at..].windows(2).position(|w| w == b"\r\n") else {
                 return Ok(None);
             };
-            let size_text = std::str::from_utf8(&rest[at..at + line_end])?;
+            let size_text = std::str::from_utf8(&rest[at..at + line_end])
+                .map_err(|_| malformed("bad chunk size"))?;
             let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-                .context("bad chunk size")?;
+                .map_err(|_| malformed("bad chunk size"))?;
             at += line_end + 2;
             if size == 0 {
                 // Trailers, if any, end with an empty line.
@@ -302,12 +413,28 @@ fn parse_response(buffer: &[u8]) -> anyhow::Result<Option<(Answer, usize, bool)>
                     return Ok(None);
                 };
                 if end == 0 {
-                    return Ok(Some((Answer { status, body }, head + at + 2, close)));
+                    return Ok(Some((
+                        Answer {
+                            status,
+                            head: buffer[..head].to_vec(),
+                            body,
+                        },
+                        head + at + 2,
+                        close,
+                    )));
                 }
                 let Some(end) = rest[at..].windows(4).position(|w| w == b"\r\n\r\n") else {
                     return Ok(None);
                 };
-                return Ok(Some((Answer { status, body }, head + at + end + 4, close)));
+                return Ok(Some((
+                    Answer {
+                        status,
+                        head: buffer[..head].to_vec(),
+                        body,
+                    },
+                    head + at + end + 4,
+                    close,
+                )));
             }
             if rest.len() < at + size + 2 {
                 return Ok(None);
@@ -321,7 +448,15 @@ fn parse_response(buffer: &[u8]) -> anyhow::Result<Option<(Answer, usize, bool)>
         return Ok(None);
     }
     let body = rest[..length].to_vec();
-    Ok(Some((Answer { status, body }, head + length, close)))
+    Ok(Some((
+        Answer {
+            status,
+            head: buffer[..head].to_vec(),
+            body,
+        },
+        head + length,
+        close,
+    )))
 }
 
 /// What to send.
@@ -404,7 +539,7 @@ struct Worker {
 }
 
 /// Runs the traffic and returns the summary.
-pub async fn run(options: Options) -> anyhow::Result<Summary> {
+pub async fn run(options: Options) -> Result<Summary> {
     let target = Arc::new(Target::parse(&options.url)?);
     let concurrency = options.concurrency.max(1);
     let limit = options.count.unwrap_or(if options.duration.is_some() {
@@ -445,7 +580,8 @@ pub async fn run(options: Options) -> anyhow::Result<Summary> {
         );
         tasks.push(tokio::spawn(async move {
             let mut worker = Worker {
-                histogram: Histogram::new(3)?,
+                histogram: Histogram::new(3)
+                    .map_err(|e| SimulateError::Histogram(e.to_string()))?,
                 status: BTreeMap::new(),
             };
             let mut connection = Connection::new(&target);
@@ -463,7 +599,10 @@ pub async fn run(options: Options) -> anyhow::Result<Summary> {
                     Some(p) => p,
                     None => {
                         pending = traffic.lifecycle().into_iter();
-                        pending.next().context("empty lifecycle")?
+                        match pending.next() {
+                            Some(p) => p,
+                            None => break,
+                        }
                     }
                 };
                 let token = traffic.sid("idem-");
@@ -489,14 +628,17 @@ pub async fn run(options: Options) -> anyhow::Result<Summary> {
                 *worker.status.entry(label).or_default() += 1;
                 progress.inc(1);
             }
-            anyhow::Ok(worker)
+            Ok::<_, SimulateError>(worker)
         }));
     }
-    let mut histogram = Histogram::<u64>::new(3)?;
+    let mut histogram =
+        Histogram::<u64>::new(3).map_err(|e| SimulateError::Histogram(e.to_string()))?;
     let mut status = BTreeMap::new();
     for task in tasks {
-        let worker = task.await.context("a simulate worker panicked")??;
-        histogram.add(&worker.histogram)?;
+        let worker = task.await??;
+        histogram
+            .add(&worker.histogram)
+            .map_err(|e| SimulateError::Histogram(e.to_string()))?;
         for (s, n) in worker.status {
             *status.entry(s).or_default() += n;
         }

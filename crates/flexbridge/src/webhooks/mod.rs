@@ -2,42 +2,47 @@
 //! registrations from the command line, and `ensure`, which makes Twilio match the
 //! `[[webhooks]]` of a configuration file.
 
-use crate::config::{self, MANAGED_PREFIX};
-use flexbridge_core::Secret;
-use flexbridge_flex_api::{
-    Credentials, FlexClient, FlexError, Webhook, WebhookSpec, WebhookType, EVENTS,
+pub mod declarations;
+
+use declarations::{
+    unknown_event_message, unknown_events, url_with_overrides, WebhookDecl, MANAGED_PREFIX,
 };
+use flexbridge_core::Secret;
+use flexbridge_flex_api::{Credentials, FlexClient, FlexError, Webhook, WebhookSpec, WebhookType};
+use http::StatusCode;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// How to reach the Flex API.
+/// How to reach the Flex API. Global: accepted before or after the subcommand
+/// (`flexbridge webhooks list --output json` and `flexbridge webhooks --output json list`).
 #[derive(clap::Args)]
 pub struct ApiArgs {
     /// Flex API base URL (for proxies and tests).
     #[arg(
         long,
+        global = true,
         env = "FLEXBRIDGE_FLEX_API_URL",
         default_value = "https://flex-api.twilio.com"
     )]
     base_url: String,
     /// Account SID for HTTP Basic auth (with --auth-token).
-    #[arg(long, env = "TWILIO_ACCOUNT_SID")]
+    #[arg(long, global = true, env = "TWILIO_ACCOUNT_SID")]
     account_sid: Option<String>,
     /// Auth Token (with --account-sid).
-    #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
     /// API key SID (with --api-secret); preferred over the Auth Token when given.
-    #[arg(long, env = "TWILIO_API_KEY")]
+    #[arg(long, global = true, env = "TWILIO_API_KEY")]
     api_key: Option<String>,
     /// API key secret.
-    #[arg(long, env = "TWILIO_API_SECRET", hide_env_values = true)]
+    #[arg(long, global = true, env = "TWILIO_API_SECRET", hide_env_values = true)]
     api_secret: Option<String>,
     /// Flex instance SID (GO...).
-    #[arg(long, env = "TWILIO_FLEX_INSTANCE_SID")]
+    #[arg(long, global = true, env = "TWILIO_FLEX_INSTANCE_SID")]
     instance_sid: Option<String>,
     /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
+    #[arg(long, global = true, value_enum, default_value = "table")]
     output: Output,
 }
 
@@ -186,8 +191,49 @@ fn finish(result: Result<ExitCode, FlexError>) -> ExitCode {
         Ok(code) => code,
         Err(error) => {
             eprintln!("flexbridge: {error}");
-            ExitCode::from(error.exit_code())
+            if let Some(hint) = hint(&error) {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::from(exit_code(&error))
         }
+    }
+}
+
+/// The process exit code for a failed call (documented in the README).
+fn exit_code(error: &FlexError) -> u8 {
+    match error {
+        FlexError::Api { status, .. }
+            if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN =>
+        {
+            3
+        }
+        FlexError::Api { status, .. } if *status == StatusCode::NOT_FOUND => 4,
+        FlexError::Api { status, .. } if status.is_client_error() => 5,
+        FlexError::Api { .. } | FlexError::Decode { .. } => 6,
+        FlexError::Network { .. } | FlexError::Timeout { .. } => 7,
+        FlexError::Invalid(_) => 2,
+    }
+}
+
+/// What to check next, for the answers where the cause is usually on our side.
+fn hint(error: &FlexError) -> Option<&'static str> {
+    let FlexError::Api { status, .. } = error else {
+        return None;
+    };
+    match *status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            Some("check TWILIO_ACCOUNT_SID/TWILIO_AUTH_TOKEN or TWILIO_API_KEY/TWILIO_API_SECRET")
+        }
+        StatusCode::NOT_FOUND => {
+            Some("check the Flex instance SID (TWILIO_FLEX_INSTANCE_SID) and the ttid")
+        }
+        StatusCode::BAD_REQUEST => {
+            Some("a parameter was refused: check the URL, method and event names")
+        }
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+            Some("Twilio is busy; retried, then gave up")
+        }
+        _ => None,
     }
 }
 
@@ -208,11 +254,7 @@ fn spec_from(args: &SpecArgs, base: Option<&Webhook>) -> Result<WebhookSpec, Fle
         .or_else(|| base.and_then(|w| w.webhook_url.clone()))
         .ok_or_else(|| FlexError::Invalid("--url is required".to_owned()))?;
     let url = match &args.connection_overrides {
-        Some(overrides) => format!(
-            "{}#{}",
-            url.split('#').next().unwrap_or(&url),
-            overrides.trim_start_matches('#')
-        ),
+        Some(overrides) => url_with_overrides(&url, Some(overrides)),
         None => url,
     };
     let events = if args.events.is_empty() {
@@ -226,10 +268,10 @@ fn spec_from(args: &SpecArgs, base: Option<&Webhook>) -> Result<WebhookSpec, Fle
         ));
     }
     if !args.allow_unknown_event {
-        if let Some(unknown) = events.iter().find(|e| !EVENTS.contains(&e.as_str())) {
+        if let Some(unknown) = unknown_events(&events).next() {
             return Err(FlexError::Invalid(format!(
-                "unknown event {unknown:?}; known: {} (--allow-unknown-event sends it anyway)",
-                EVENTS.join(", ")
+                "unknown event: {} (--allow-unknown-event sends it anyway)",
+                unknown_event_message(unknown)
             )));
         }
     }
@@ -296,7 +338,7 @@ async fn webhooks(api: &ApiArgs, command: WebhooksCommand) -> Result<ExitCode, F
             dry_run,
             prune,
         } => {
-            let declared = match config::load_webhooks(config.as_deref()) {
+            let declared = match declarations::load(config.as_deref()) {
                 Ok(declared) => declared,
                 Err(errors) => {
                     eprintln!("flexbridge: {errors}");
@@ -333,7 +375,7 @@ async fn ensure(
     client: &FlexClient,
     instance: &str,
     output: Output,
-    declared: &[config::WebhookDecl],
+    declared: &[WebhookDecl],
     dry_run: bool,
     prune: bool,
 ) -> Result<ExitCode, FlexError> {
@@ -466,5 +508,47 @@ fn show(output: Output, webhooks: &[Webhook]) {
             w.friendly_name.as_deref().unwrap_or("-"),
             w.webhook_events.join(",")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flexbridge_flex_api::ApiError;
+
+    fn api(status: StatusCode) -> FlexError {
+        FlexError::Api {
+            status,
+            error: ApiError {
+                code: Some(20404),
+                message: Some("x".into()),
+                more_info: None,
+                status: Some(status.as_u16()),
+            },
+        }
+    }
+
+    #[test]
+    fn exit_codes_and_hints_follow_the_readme() {
+        for (status, code) in [
+            (StatusCode::UNAUTHORIZED, 3),
+            (StatusCode::FORBIDDEN, 3),
+            (StatusCode::NOT_FOUND, 4),
+            (StatusCode::BAD_REQUEST, 5),
+            (StatusCode::INTERNAL_SERVER_ERROR, 6),
+        ] {
+            assert_eq!(exit_code(&api(status)), code, "{status}");
+        }
+        assert_eq!(exit_code(&FlexError::Invalid("x".into())), 2);
+        assert_eq!(
+            exit_code(&FlexError::Timeout {
+                url: "u".into(),
+                timeout: std::time::Duration::from_secs(1)
+            }),
+            7
+        );
+        assert!(hint(&api(StatusCode::NOT_FOUND))
+            .is_some_and(|h| h.contains("TWILIO_FLEX_INSTANCE_SID")));
+        assert!(hint(&api(StatusCode::INTERNAL_SERVER_ERROR)).is_none());
     }
 }
