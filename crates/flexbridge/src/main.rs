@@ -4,15 +4,14 @@ mod admin;
 mod config;
 mod daemon;
 mod demo;
+mod schema_cmd;
+mod simulate_cmd;
 mod sinks;
 mod webhooks;
 
-use anyhow::Context as _;
-use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
-use flexbridge_simulate::{self as simulate, traffic};
+use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 // glibc's allocator contends on its arena locks under many small per-request allocations
 // across worker threads; mimalloc does not (measured with scripts/bench.sh).
@@ -66,52 +65,7 @@ enum Command {
     /// Start a local daemon and send it one signed interaction lifecycle; no set-up needed.
     Demo,
     /// Send realistic, signed Flex traffic to a URL and report status counts and latency.
-    #[command(group(ArgGroup::new("stop").args(["count", "duration"])))]
-    Simulate {
-        /// The webhook URL (http://).
-        #[arg(long)]
-        url: String,
-        /// Auth Token to sign with (HMAC-SHA1); without it and without a SharedKey the
-        /// requests are unsigned.
-        #[arg(long, env = "TWILIO_AUTH_TOKEN", hide_env_values = true)]
-        auth_token: Option<String>,
-        /// Sign with a SharedKey (HMAC-SHA256) instead: its key id...
-        #[arg(long, requires = "shared_key_secret")]
-        shared_key_id: Option<String>,
-        /// ...and its secret.
-        #[arg(long, requires = "shared_key_id", hide_env_values = true)]
-        shared_key_secret: Option<String>,
-        /// HTTP method: POST sends a form body, GET puts the parameters in the query.
-        #[arg(long, value_enum, default_value = "post")]
-        method: HttpMethod,
-        /// Send POST bodies as JSON with bodySHA256 instead of a form.
-        #[arg(long, conflicts_with = "method")]
-        json: bool,
-        /// Number of requests (default 100 without --duration).
-        #[arg(long)]
-        count: Option<u64>,
-        /// Send for this long, e.g. `30s`.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        duration: Option<Duration>,
-        /// Requests per second in all (default: as fast as answered).
-        #[arg(long)]
-        rate: Option<f64>,
-        /// Concurrent connections, each with one request in flight.
-        #[arg(long, default_value_t = 8)]
-        concurrency: usize,
-        /// Account SID of the generated traffic (default: random).
-        #[arg(long)]
-        account_sid: Option<String>,
-        /// Seed for reproducible traffic.
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Print the summary as JSON.
-        #[arg(long)]
-        json_summary: bool,
-        /// Do not draw a progress bar.
-        #[arg(long)]
-        no_progress: bool,
-    },
+    Simulate(simulate_cmd::Args),
     /// Manage the Flex InteractionWebhooks registrations.
     Webhooks {
         #[command(flatten)]
@@ -128,17 +82,7 @@ enum Command {
     },
     /// Print the JSON Schemas (draft 2020-12) of the CloudEvents flexbridge emits, or write
     /// them to a directory.
-    Schema {
-        /// Directory to write the schema files to.
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum HttpMethod {
-    Post,
-    Get,
+    Schema(schema_cmd::Args),
 }
 
 fn main() -> ExitCode {
@@ -223,88 +167,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             demo::run().await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Simulate {
-            url,
-            auth_token,
-            shared_key_id,
-            shared_key_secret,
-            method,
-            json,
-            count,
-            duration,
-            rate,
-            concurrency,
-            account_sid,
-            seed,
-            json_summary,
-            no_progress,
-        } => {
-            let signer = match (shared_key_id, shared_key_secret, auth_token) {
-                (Some(id), Some(secret), _) => simulate::Signer::SharedKey(id, secret),
-                (_, _, Some(token)) => simulate::Signer::AuthToken(token),
-                _ => {
-                    tracing::warn!("no --auth-token or SharedKey: requests are unsigned");
-                    simulate::Signer::None
-                }
-            };
-            let encoding = match (json, method) {
-                (true, _) => simulate::Encoding::Json,
-                (false, HttpMethod::Post) => simulate::Encoding::Form,
-                (false, HttpMethod::Get) => simulate::Encoding::Get,
-            };
-            let mut traffic = traffic::Traffic::new(String::new(), String::new(), rand::random());
-            let summary = simulate::run(simulate::Options {
-                url,
-                signer,
-                encoding,
-                count,
-                duration,
-                rate,
-                concurrency,
-                account_sid: account_sid.unwrap_or_else(|| traffic.sid("AC")),
-                instance_sid: traffic.sid("GO"),
-                seed: seed.unwrap_or_else(rand::random),
-                progress: !no_progress,
-            })
-            .await?;
-            if json_summary {
-                println!("{}", serde_json::to_string(&summary)?);
-            } else {
-                print!("{}", summary.render());
-            }
-            Ok(if summary.all_ok() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
+        Command::Simulate(args) => simulate_cmd::run(args).await,
         Command::Webhooks { api, command } => Ok(webhooks::run(api, command).await),
         Command::Interactions { api, command } => {
             Ok(webhooks::run_interactions(api, command).await)
         }
-        Command::Schema { out } => {
-            let files = flexbridge_core::schema::v1::SCHEMA_FILES;
-            match out {
-                Some(dir) => {
-                    std::fs::create_dir_all(&dir)
-                        .with_context(|| format!("cannot create {}", dir.display()))?;
-                    for (name, content) in files {
-                        let path = dir.join(name);
-                        std::fs::write(&path, content)
-                            .with_context(|| format!("cannot write {}", path.display()))?;
-                        println!("{}", path.display());
-                    }
-                }
-                None => {
-                    let mut all = serde_json::Map::new();
-                    for (name, content) in files {
-                        all.insert((*name).to_owned(), serde_json::from_str(content)?);
-                    }
-                    println!("{}", serde_json::to_string_pretty(&all)?);
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Schema(args) => schema_cmd::run(args),
     }
 }
 
