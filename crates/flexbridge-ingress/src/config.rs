@@ -32,6 +32,12 @@ pub struct IngressConfig {
     /// `Retry-After` sent with a 503 when a sink did not confirm.
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
+    /// Requests handled at once; beyond it a request is answered 503 + `Retry-After` at once
+    /// instead of queueing (memory stays bounded under overload).
+    pub max_in_flight: usize,
+    /// Open connections; beyond it a new connection is answered 503 + `Retry-After` and
+    /// closed.
+    pub max_connections: usize,
 }
 
 impl Default for IngressConfig {
@@ -45,6 +51,8 @@ impl Default for IngressConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
             retry_after: Duration::from_secs(5),
+            max_in_flight: 1024,
+            max_connections: 2048,
         }
     }
 }
@@ -83,6 +91,14 @@ impl IngressConfig {
                 "ingress.max_body_bytes: {} must be between 1 and 16777216",
                 self.max_body_bytes
             ));
+        }
+        for (key, value) in [
+            ("max_in_flight", self.max_in_flight),
+            ("max_connections", self.max_connections),
+        ] {
+            if value == 0 {
+                errors.push(format!("ingress.{key}: must be at least 1"));
+            }
         }
         for (key, value) in [
             ("header_read_timeout", self.header_read_timeout),

@@ -22,7 +22,7 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 use std::fmt::Display;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
@@ -69,6 +69,9 @@ pub enum Rejection {
     /// A sink did not confirm this event.
     #[error("{}", .0.error)]
     Delivery(Box<Undelivered>),
+    /// More than `ingress.max_in_flight` requests at once.
+    #[error("too many requests in flight; retry later")]
+    Overloaded,
 }
 
 impl Rejection {
@@ -84,7 +87,7 @@ impl Rejection {
                 StatusCode::BAD_REQUEST
             }
             Self::Verification(_) | Self::AccountNotAllowed(_) => StatusCode::FORBIDDEN,
-            Self::Delivery(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Delivery(_) | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -105,6 +108,7 @@ impl Rejection {
             Self::Normalize(NormalizeError::MissingEventType) => "missing_event_type",
             Self::Normalize(NormalizeError::MissingAccountSid) => "missing_account_sid",
             Self::Delivery(_) => "sink_unavailable",
+            Self::Overloaded => "overloaded",
         }
     }
 }
@@ -142,7 +146,53 @@ pub struct Ingress {
     retry_after: HeaderValue,
     request_prefix: String,
     request_counter: AtomicU64,
+    /// Requests being handled (compared with `max_in_flight`).
+    in_flight: AtomicUsize,
+    /// Open connections (compared with `max_connections`).
+    connections: Arc<AtomicUsize>,
+    /// Shedding is logged at most once a second, with the count since the last line.
+    shed_log: RateLimited,
 }
+
+/// A log line at most once a second, counting what was not logged in between.
+#[derive(Default)]
+struct RateLimited {
+    last_second: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimited {
+    /// `Some(suppressed count)` when a line may be written now.
+    fn allow(&self) -> Option<u64> {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last_second.load(Ordering::Relaxed);
+        if now > last
+            && self
+                .last_second
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Decrements a counter when dropped.
+struct Count<'a>(&'a AtomicUsize);
+
+impl Drop for Count<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The answer to a connection over `max_connections`, written before closing it.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 77\r\n\r\n{\"error\":\"too_many_connections\",\"message\":\"too many open connections; retry\"}";
 
 impl Ingress {
     /// Builds the handler; `twilio.verify_signatures = false` disables verification.
@@ -172,6 +222,9 @@ impl Ingress {
             retry_after,
             request_prefix: format!("{:08x}", rand_prefix()),
             request_counter: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            connections: Arc::new(AtomicUsize::new(0)),
+            shed_log: RateLimited::default(),
             config,
         })
     }
@@ -194,8 +247,20 @@ impl Ingress {
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _peer)) => {
+                    Ok((mut stream, _peer)) => {
                         let _ = stream.set_nodelay(true);
+                        let open = self.connections.fetch_add(1, Ordering::AcqRel) + 1;
+                        if open > self.config.max_connections {
+                            self.connections.fetch_sub(1, Ordering::AcqRel);
+                            self.shed("too_many_connections");
+                            tokio::spawn(async move {
+                                use tokio::io::AsyncWriteExt as _;
+                                let _ = stream.write_all(TOO_MANY_CONNECTIONS).await;
+                                let _ = stream.shutdown().await;
+                            });
+                            continue;
+                        }
+                        let connections = Arc::clone(&self.connections);
                         let this = Arc::clone(&self);
                         let service = service_fn(move |request| {
                             let this = Arc::clone(&this);
@@ -203,6 +268,7 @@ impl Ingress {
                         });
                         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
                         tokio::spawn(async move {
+                            let _open = Count(&connections);
                             if let Err(error) = connection.await {
                                 tracing::debug!(%error, "connection ended with an error");
                             }
@@ -238,7 +304,14 @@ impl Ingress {
         let request_id = self.request_id(request.headers());
         let span = tracing::info_span!("request", request_id = %request_id);
         let _in_flight = InFlight::new(&self.metrics.in_flight);
-        let mut response = match self.process(request).instrument(span.clone()).await {
+        let admitted = self.in_flight.fetch_add(1, Ordering::AcqRel) < self.config.max_in_flight;
+        let _count = Count(&self.in_flight);
+        let outcome = if admitted {
+            self.process(request).instrument(span.clone()).await
+        } else {
+            Err(Rejection::Overloaded)
+        };
+        let mut response = match outcome {
             Ok(id) => {
                 self.ok_counter.inc();
                 tracing::debug!(parent: &span, event_id = %id, "event delivered");
@@ -401,6 +474,26 @@ impl Ingress {
         }
     }
 
+    /// Counts a request or connection refused for load, and logs it at most once a second.
+    fn shed(&self, reason: &'static str) {
+        self.metrics
+            .http_rejections
+            .with_label_values(&[reason])
+            .inc();
+        if reason == "too_many_connections" {
+            self.metrics.http_requests.with_label_values(&["503"]).inc();
+        }
+        if let Some(suppressed) = self.shed_log.allow() {
+            tracing::warn!(
+                reason,
+                suppressed,
+                max_in_flight = self.config.max_in_flight,
+                max_connections = self.config.max_connections,
+                "shedding load: answered 503 at once"
+            );
+        }
+    }
+
     fn reject(&self, rejection: &Rejection, span: &tracing::Span) -> Response<Full<Bytes>> {
         let status = rejection.status();
         let reason = rejection.reason();
@@ -416,6 +509,7 @@ impl Ingress {
                     .inc();
                 tracing::warn!(parent: span, status = status.as_u16(), reason, error = %rejection, "request refused: not proven to come from Twilio");
             }
+            Rejection::Overloaded => self.shed(reason),
             Rejection::Delivery(undelivered) => {
                 self.metrics
                     .http_rejections
@@ -434,7 +528,7 @@ impl Ingress {
         let body = serde_json::json!({ "error": reason, "message": rejection.to_string() });
         let mut response = json_response(status, body.to_string());
         match rejection {
-            Rejection::Delivery(_) => {
+            Rejection::Delivery(_) | Rejection::Overloaded => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, self.retry_after.clone());
@@ -542,5 +636,33 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_refusal_is_a_whole_http_response() {
+        let text = std::str::from_utf8(TOO_MANY_CONNECTIONS).unwrap_or_default();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or_default();
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|l| l.parse::<usize>().ok());
+        assert_eq!(length, Some(body.len()));
+        assert!(serde_json::from_str::<serde_json::Value>(body).is_ok());
+        assert!(head.starts_with("HTTP/1.1 503 ") && head.contains("retry-after: 1"));
+    }
+
+    #[test]
+    fn shedding_logs_at_most_once_a_second() {
+        let limiter = RateLimited::default();
+        assert_eq!(limiter.allow(), Some(0));
+        assert_eq!(limiter.allow(), None);
+        assert_eq!(limiter.allow(), None);
+        limiter.last_second.store(0, Ordering::Relaxed);
+        assert_eq!(limiter.allow(), Some(2));
     }
 }
