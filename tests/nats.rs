@@ -8,35 +8,6 @@ use std::collections::HashSet;
 const TOKEN: &str = "nats-e2e-token";
 const PATH: &str = "/flex/interactions";
 
-fn nats_url() -> String {
-    std::env::var("FLEXBRIDGE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Every message of a stream: (Nats-Msg-Id, subject). Deletes the stream afterwards.
-fn drain_stream(name: &str) -> Vec<(String, String)> {
-    runtime().block_on(async {
-        let client = async_nats::connect(nats_url()).await.unwrap();
-        let js = async_nats::jetstream::new(client);
-        let mut stream = js.get_stream(name).await.unwrap();
-        let count = stream.info().await.unwrap().state.messages;
-        let mut out = Vec::new();
-        for seq in 1..=count {
-            let m = stream.get_raw_message(seq).await.unwrap();
-            let id = m.headers.get("Nats-Msg-Id").unwrap().as_str().to_owned();
-            out.push((id, m.subject.to_string()));
-        }
-        js.delete_stream(name).await.unwrap();
-        out
-    })
-}
-
 fn daemon_with_stream(stream: &str, prefix: &str) -> Daemon {
     Daemon::start(&format!(
         "[twilio]\nauth_tokens = [\"{TOKEN}\"]\n\n[[sinks]]\nname = \"jetstream\"\ntype = \"nats\"\nurl = \"{}\"\nsubject = \"{prefix}.{{account}}.{{event}}\"\n[sinks.stream]\nname = \"{stream}\"\nstorage = \"memory\"\nduplicate_window = \"5m\"\n",

@@ -3,55 +3,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
 
 use flexbridge_e2e::*;
-use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::{Connection, ConnectionProperties};
 use std::collections::HashSet;
 
 const TOKEN: &str = "rabbit-e2e-token";
 const PATH: &str = "/flex/interactions";
-
-fn amqp_url() -> String {
-    std::env::var("FLEXBRIDGE_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
-
-/// Reads every message of `queue` (message ids), then deletes the queue and the exchange.
-fn drain_and_delete(exchange: &str, queue: &str) -> Vec<String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        let mut ids = Vec::new();
-        while let Some(m) = match queue {
-            "" => None,
-            queue => channel
-                .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-                .await
-                .unwrap(),
-        } {
-            ids.push(
-                m.delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .unwrap()
-                    .to_string(),
-            );
-        }
-        let _ = channel
-            .queue_delete(queue.into(), QueueDeleteOptions::default())
-            .await;
-        let _ = channel
-            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-            .await;
-        ids
-    })
-}
 
 fn daemon(exchange: &str, queues: &str) -> Daemon {
     Daemon::start(&format!(

@@ -108,6 +108,15 @@ pub fn authority(url: &str) -> &str {
     rest.rsplit_once('@').map_or(rest, |(_, host)| host)
 }
 
+/// How the proxy breaks the broker connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Every connection closed, new ones refused (a reset).
+    Cut,
+    /// Every byte dropped, nothing closed (no FIN, no RST).
+    Blackhole,
+}
+
 /// Steady signed traffic (`rate` requests per second for `duration`, eight connections) while
 /// the proxy cuts every broker connection from `cut_at` for `cut_for`; returns the simulator's
 /// summary.
@@ -116,8 +125,21 @@ pub fn traffic_through_cut(
     path: &str,
     token: &str,
     proxy: &Proxy,
+    load: (Duration, u32),
+    window: (Duration, Duration),
+) -> serde_json::Value {
+    traffic_through_fault(daemon, path, token, proxy, load, window, Fault::Cut)
+}
+
+/// Like [`traffic_through_cut`], with the fault chosen.
+pub fn traffic_through_fault(
+    daemon: &Daemon,
+    path: &str,
+    token: &str,
+    proxy: &Proxy,
     (duration, rate): (Duration, u32),
     (cut_at, cut_for): (Duration, Duration),
+    fault: Fault,
 ) -> serde_json::Value {
     let url = daemon.url(path);
     let token = token.to_owned();
@@ -137,7 +159,10 @@ pub fn traffic_through_cut(
         )
     });
     std::thread::sleep(cut_at);
-    proxy.proxy.cut();
+    match fault {
+        Fault::Cut => proxy.proxy.cut(),
+        Fault::Blackhole => proxy.proxy.blackhole(),
+    }
     std::thread::sleep(cut_for);
     proxy.proxy.restore();
     traffic.join().unwrap()
@@ -485,4 +510,85 @@ pub fn status_updated(interaction: &str, status: &str) -> Vec<(String, String)> 
         ("ChannelStatus", status),
         ("MediaChannelType", "sms"),
     ])
+}
+
+/// RabbitMQ (`FLEXBRIDGE_AMQP_URL`, default the local broker).
+pub fn amqp_url() -> String {
+    std::env::var("FLEXBRIDGE_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// Reads every message of `queue` (message ids), then deletes the queue and the exchange.
+pub fn drain_and_delete(exchange: &str, queue: &str) -> Vec<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let connection =
+            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+                .await
+                .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let mut ids = Vec::new();
+        while let Some(m) = match queue {
+            "" => None,
+            queue => channel
+                .basic_get(
+                    queue.into(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await
+                .unwrap(),
+        } {
+            ids.push(
+                m.delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        let _ = channel
+            .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+            .await;
+        let _ = channel
+            .exchange_delete(
+                exchange.into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await;
+        ids
+    })
+}
+
+/// NATS (`FLEXBRIDGE_NATS_URL`, default the local server).
+pub fn nats_url() -> String {
+    std::env::var("FLEXBRIDGE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Every message of a stream: (Nats-Msg-Id, subject). Deletes the stream afterwards.
+pub fn drain_stream(name: &str) -> Vec<(String, String)> {
+    runtime().block_on(async {
+        let client = async_nats::connect(nats_url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream(name).await.unwrap();
+        let count = stream.info().await.unwrap().state.messages;
+        let mut out = Vec::new();
+        for seq in 1..=count {
+            let m = stream.get_raw_message(seq).await.unwrap();
+            let id = m.headers.get("Nats-Msg-Id").unwrap().as_str().to_owned();
+            out.push((id, m.subject.to_string()));
+        }
+        js.delete_stream(name).await.unwrap();
+        out
+    })
 }

@@ -12,10 +12,25 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// When a webhook is acknowledged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryMode {
+    /// After every sink confirmed the event (no disk needed; a broker outage longer than
+    /// `ack_timeout` means 503s).
+    #[default]
+    Confirm,
+    /// After the event is durable in the local spool (`[spool]`); the sinks receive it in the
+    /// background, retried without limit while the spool has room.
+    Spool,
+}
+
 /// `[delivery]`: how long a webhook may wait for the sinks, and how publishes are retried.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
+    /// `confirm` (default) or `spool`.
+    pub mode: DeliveryMode,
     /// Longest time a webhook waits for every sink to confirm, retries included, before it is
     /// answered 503. Keep it below Twilio's 15 s request timeout. Retryable failures are
     /// retried until this deadline, not for a fixed number of attempts.
@@ -82,6 +97,7 @@ pub struct RetryOverrides {
 impl Default for DeliveryConfig {
     fn default() -> Self {
         Self {
+            mode: DeliveryMode::Confirm,
             ack_timeout: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(5),
             max_attempts: None,
@@ -291,6 +307,16 @@ impl Delivery {
         })
     }
 
+    /// How many sinks there are.
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// True without sinks (the configuration always has one).
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+
     /// The sinks, in configuration order.
     pub fn sinks(&self) -> impl Iterator<Item = &Arc<dyn Sink>> {
         self.targets.iter().map(|t| &t.sink)
@@ -302,18 +328,20 @@ impl Delivery {
         let failures: Vec<SinkFailure> = match self.targets.as_slice() {
             // The common case: no join machinery.
             [only] => self
-                .publish(only, event, deadline)
+                .publish(only, event, Some(deadline))
                 .await
                 .err()
                 .into_iter()
                 .collect(),
-            targets => {
-                futures::future::join_all(targets.iter().map(|t| self.publish(t, event, deadline)))
-                    .await
-                    .into_iter()
-                    .filter_map(Result::err)
-                    .collect()
-            }
+            targets => futures::future::join_all(
+                targets
+                    .iter()
+                    .map(|t| self.publish(t, event, Some(deadline))),
+            )
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .collect(),
         };
         if failures.is_empty() {
             Ok(())
@@ -322,22 +350,41 @@ impl Delivery {
         }
     }
 
+    /// Publishes to the sink at `index` (configuration order) until it confirms or fails
+    /// permanently: no deadline and no attempt cap. The spool delivers this way, since it
+    /// keeps the event meanwhile; dropping the future abandons the attempt.
+    pub async fn deliver_to(&self, index: usize, event: &Event) -> Result<(), SinkFailure> {
+        match self.targets.get(index) {
+            Some(target) => self.publish(target, event, None).await,
+            None => Err(SinkFailure {
+                sink: format!("#{index}"),
+                attempts: 0,
+                error: SinkError::permanent("no_such_sink", "no sink at this index"),
+            }),
+        }
+    }
+
     /// One sink: attempts until it confirms, the error is permanent, the optional attempt cap
     /// is reached, or the deadline passes. Fast failures (a sink that is reconnecting) are
-    /// retried with backoff up to the deadline, never abandoned after a few attempts.
+    /// retried with backoff up to the deadline, never abandoned after a few attempts. Without
+    /// a deadline, only a permanent error ends it.
     async fn publish(
         &self,
         target: &Target,
         event: &Event,
-        deadline: Instant,
+        deadline: Option<Instant>,
     ) -> Result<(), SinkFailure> {
         let policy = &target.policy;
         let started = Instant::now();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let limit = policy.attempt_timeout.min(remaining);
+            let limit = match deadline {
+                Some(deadline) => policy
+                    .attempt_timeout
+                    .min(deadline.saturating_duration_since(Instant::now())),
+                None => policy.attempt_timeout,
+            };
             let error = match tokio::time::timeout(limit, target.sink.publish(event)).await {
                 Ok(Ok(())) => {
                     target
@@ -355,10 +402,15 @@ impl Delivery {
                     ),
                 ),
             };
-            let remaining = deadline.saturating_duration_since(Instant::now());
+            let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             let retry = error.is_retryable()
-                && policy.max_attempts.is_none_or(|max| attempt < max)
-                && remaining > LAST_ATTEMPT_WINDOW;
+                && match remaining {
+                    Some(remaining) => {
+                        policy.max_attempts.is_none_or(|max| attempt < max)
+                            && remaining > LAST_ATTEMPT_WINDOW
+                    }
+                    None => true,
+                };
             if !retry {
                 target
                     .metrics
@@ -372,10 +424,11 @@ impl Delivery {
                 });
             }
             // Near the deadline the delay shrinks so that a last attempt still fits.
-            let delay = policy
-                .backoff
-                .delay(attempt, rand::random::<f64>())
-                .min((remaining - LAST_ATTEMPT_WINDOW) / 2);
+            let delay = policy.backoff.delay(attempt, rand::random::<f64>());
+            let delay = match remaining {
+                Some(remaining) => delay.min((remaining - LAST_ATTEMPT_WINDOW) / 2),
+                None => delay,
+            };
             tracing::debug!(sink = target.sink.name(), attempt, reason = error.reason(), error = %error, "publish failed; retrying");
             target.metrics.retries.inc();
             tokio::time::sleep(delay).await;
@@ -482,6 +535,7 @@ mod tests {
 
     fn config(max_attempts: Option<u32>) -> DeliveryConfig {
         DeliveryConfig {
+            mode: DeliveryMode::Confirm,
             ack_timeout: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(2),
             max_attempts,
@@ -624,6 +678,22 @@ mod tests {
         assert_eq!(err.failures[0].sink, "capped");
         assert_eq!(err.failures[0].attempts, 3);
         assert_eq!(free.attempts.load(Ordering::SeqCst), 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_deadline_only_success_or_a_permanent_error_ends_it() {
+        let sink = Scripted::new(
+            "a",
+            (0..200)
+                .map(|_| Step::Retryable)
+                .chain([Step::Ok, Step::Retryable, Step::Permanent])
+                .collect(),
+        );
+        let (d, _) = delivery(vec![sink.clone()], Some(2));
+        d.deliver_to(0, &event()).await.unwrap();
+        assert_eq!(sink.attempts.load(Ordering::SeqCst), 201);
+        let err = d.deliver_to(0, &event()).await.unwrap_err();
+        assert_eq!(err.error.reason(), "rejected");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod cloudevents;
 pub mod delivery;
 pub mod event;
+pub mod intake;
 pub mod metrics;
 pub mod retry;
 pub mod route;
@@ -17,8 +18,11 @@ pub mod sink;
 pub mod webhook;
 
 pub use cloudevents::{Binding, ContentMode};
-pub use delivery::{Delivery, DeliveryConfig, DeliveryConfigError, DeliveryError, RetryOverrides};
+pub use delivery::{
+    Delivery, DeliveryConfig, DeliveryConfigError, DeliveryError, DeliveryMode, RetryOverrides,
+};
 pub use event::{EventKind, InteractionEvent};
+pub use intake::{Intake, IntakeError};
 pub use metrics::SinkContext;
 pub use schema::v1::{normalize, Event, NormalizeError};
 pub use secret::Secret;

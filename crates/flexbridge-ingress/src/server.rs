@@ -7,7 +7,7 @@ use crate::signature::{Signed, Verifier, VerifyError};
 use bytes::Bytes;
 use flexbridge_core::metrics::Metrics;
 use flexbridge_core::{
-    normalize, Attestation, Delivery, DeliveryError, EventKind, NormalizeError, Verified,
+    normalize, Attestation, EventKind, Intake, IntakeError, NormalizeError, Verified,
     WebhookRequest,
 };
 use http::header::{self, HeaderMap, HeaderValue};
@@ -107,7 +107,7 @@ impl Rejection {
             Self::AccountNotAllowed(_) => "account_not_allowed",
             Self::Normalize(NormalizeError::MissingEventType) => "missing_event_type",
             Self::Normalize(NormalizeError::MissingAccountSid) => "missing_account_sid",
-            Self::Delivery(_) => "sink_unavailable",
+            Self::Delivery(undelivered) => undelivered.error.reason(),
             Self::Overloaded => "overloaded",
         }
     }
@@ -122,8 +122,8 @@ pub struct Undelivered {
     pub ce_type: &'static str,
     /// The Interaction SID, when the event has one.
     pub interaction_sid: Option<String>,
-    /// Which sinks failed and why.
-    pub error: DeliveryError,
+    /// Which sinks failed, or why the spool refused it.
+    pub error: IntakeError,
 }
 
 /// Errors building the ingress.
@@ -139,7 +139,7 @@ pub struct Ingress {
     config: IngressConfig,
     verifier: Option<Verifier>,
     account_sids: HashSet<String>,
-    delivery: Arc<Delivery>,
+    intake: Arc<dyn Intake>,
     metrics: Metrics,
     ok_counter: prometheus::IntCounter,
     event_counters: [prometheus::IntCounter; EventKind::ALL.len()],
@@ -199,7 +199,7 @@ impl Ingress {
     pub fn new(
         config: IngressConfig,
         twilio: &TwilioConfig,
-        delivery: Arc<Delivery>,
+        intake: Arc<dyn Intake>,
         metrics: Metrics,
     ) -> Result<Self, IngressError> {
         let mut errors = config.validate();
@@ -217,7 +217,7 @@ impl Ingress {
                 .map(|kind| metrics.events.with_label_values(&[kind.short_name()])),
             verifier,
             account_sids: twilio.account_sids.iter().cloned().collect(),
-            delivery,
+            intake,
             metrics,
             retry_after,
             request_prefix: format!("{:08x}", rand_prefix()),
@@ -400,9 +400,10 @@ impl Ingress {
         // The body is a slice of hyper's read buffer: release it before waiting for the sinks,
         // or hyper must copy the buffer to read the next request.
         drop(body);
+        let record = self.intake.wants_record().then(|| verified.get().encode());
         let event = normalize(verified)?;
         self.event_counters[event.kind() as usize].inc();
-        match self.delivery.deliver(&event).await {
+        match self.intake.accept(&event, record).await {
             Ok(()) => Ok(event.id().to_owned()),
             Err(error) => Err(Rejection::Delivery(Box::new(Undelivered {
                 event_id: event.id().to_owned(),
@@ -515,7 +516,7 @@ impl Ingress {
                     .http_rejections
                     .with_label_values(&[reason])
                     .inc();
-                tracing::error!(parent: span, status = status.as_u16(), reason, event_id = %undelivered.event_id, ce_type = undelivered.ce_type, interaction_sid = undelivered.interaction_sid.as_deref().unwrap_or(""), error = %rejection, "event not acknowledged: a sink did not confirm it; Twilio does not retry 5xx by default, so this event is likely lost unless Twilio retries");
+                tracing::error!(parent: span, status = status.as_u16(), reason, event_id = %undelivered.event_id, ce_type = undelivered.ce_type, interaction_sid = undelivered.interaction_sid.as_deref().unwrap_or(""), error = %rejection, "event not acknowledged (a sink did not confirm it, or the spool refused it); Twilio does not retry 5xx by default, so this event is likely lost unless Twilio retries");
             }
             _ => {
                 self.metrics

@@ -54,6 +54,10 @@ pub struct NatsSinkConfig {
     /// Longest wait for one connection attempt.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// How often the client pings the server; a connection that goes silent (packets dropped,
+    /// no reset) is dropped and re-opened after about three intervals without an answer.
+    #[serde(default = "default_ping_interval", with = "humantime_serde")]
+    pub ping_interval: Duration,
 }
 
 /// TLS to the NATS servers.
@@ -167,6 +171,9 @@ fn one() -> usize {
 fn default_ack_timeout() -> Duration {
     Duration::from_secs(3)
 }
+fn default_ping_interval() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
@@ -243,7 +250,10 @@ impl NatsSinkConfig {
                 key("tls")
             ));
         }
-        if self.ack_timeout.is_zero() || self.connect_timeout.is_zero() {
+        if self.ack_timeout.is_zero()
+            || self.connect_timeout.is_zero()
+            || self.ping_interval.is_zero()
+        {
             errors.push(format!(
                 "sinks.{}: timeouts must be greater than zero",
                 self.name

@@ -119,6 +119,7 @@ impl SinkConfig for NatsSinkConfig {
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("flexbridge {}", config.name))
             .connection_timeout(config.connect_timeout)
+            .ping_interval(config.ping_interval)
             .retry_on_initial_connect();
         if let (Some(user), Some(password)) = (&config.user, &config.password) {
             options = options.user_and_password(user.clone(), password.expose().to_owned());

@@ -102,6 +102,7 @@ fn config(url: String, subject: String) -> NatsSinkConfig {
         tls: NatsTls::default(),
         ack_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(2),
+        ping_interval: Duration::from_secs(10),
     }
 }
 

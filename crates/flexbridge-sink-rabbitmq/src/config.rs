@@ -34,6 +34,12 @@ pub struct RabbitMqSinkConfig {
     /// Longest wait for one connection attempt.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// AMQP heartbeat proposed to the broker (the lower of both wins). A connection that goes
+    /// silent (packets dropped, no reset) is closed and re-opened after two intervals without
+    /// traffic; `0s` leaves it to the broker (RabbitMQ: 60 s). A `heartbeat` query parameter in
+    /// `uri` takes precedence.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat: Duration,
 }
 
 /// Topology declared at connection: the exchange, and queues bound to it for a quick start.
@@ -94,6 +100,24 @@ fn default_bindings() -> Vec<String> {
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl RabbitMqSinkConfig {
+    /// The URI to connect to: `uri` with the configured heartbeat, unless it names one.
+    pub(crate) fn connect_uri(&self) -> String {
+        let uri = self.uri.expose();
+        if self.heartbeat.is_zero() || uri.contains("heartbeat=") {
+            return uri.to_owned();
+        }
+        let sep = if uri.contains('?') { '&' } else { '?' };
+        format!(
+            "{uri}{sep}heartbeat={}",
+            self.heartbeat.as_secs().clamp(1, 65535)
+        )
+    }
 }
 fn yes() -> bool {
     true

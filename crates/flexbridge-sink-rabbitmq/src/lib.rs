@@ -390,7 +390,7 @@ async fn establish(
 ) -> Result<(Link, Option<SinkErrorInfo>), lapin::Error> {
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("flexbridge {}", config.name).into());
-    let connection = Connection::connect(config.uri.expose(), properties).await?;
+    let connection = Connection::connect(&config.connect_uri(), properties).await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -498,6 +498,22 @@ async fn declare(channel: &Channel, config: &RabbitMqSinkConfig) -> Result<(), l
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_heartbeat_goes_into_the_uri_unless_it_names_one() {
+        let mut c: RabbitMqSinkConfig = serde_json::from_value(
+            serde_json::json!({"name": "r", "uri": "amqp://u:p@h:5672/%2f"}),
+        )
+        .unwrap();
+        assert_eq!(c.connect_uri(), "amqp://u:p@h:5672/%2f?heartbeat=10");
+        c.uri = flexbridge_core::Secret::new("amqp://h/%2f?frame_max=8192");
+        assert_eq!(c.connect_uri(), "amqp://h/%2f?frame_max=8192&heartbeat=10");
+        c.uri = flexbridge_core::Secret::new("amqp://h/%2f?heartbeat=3");
+        assert_eq!(c.connect_uri(), "amqp://h/%2f?heartbeat=3");
+        c.heartbeat = Duration::ZERO;
+        c.uri = flexbridge_core::Secret::new("amqp://h/%2f");
+        assert_eq!(c.connect_uri(), "amqp://h/%2f");
+    }
 
     #[test]
     fn routing_key_values_keep_their_word() {

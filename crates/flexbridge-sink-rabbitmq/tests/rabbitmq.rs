@@ -115,6 +115,7 @@ fn config(uri: String, exchange: &str, declare: Option<Declare>) -> RabbitMqSink
         content_mode: ContentMode::Binary,
         declare,
         connect_timeout: Duration::from_secs(3),
+        heartbeat: Duration::from_secs(10),
     }
 }
 

@@ -102,6 +102,7 @@ async fn pipe(
     mut writer: tokio::net::tcp::OwnedWriteHalf,
     mut cut: watch::Receiver<u64>,
     delay: Option<Arc<AtomicU64>>,
+    blackhole: Arc<AtomicBool>,
 ) {
     let (chunks, mut due) =
         tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
@@ -126,6 +127,9 @@ async fn pipe(
             n = reader.read(&mut buf) => match n { Ok(0) | Err(_) => break, Ok(n) => n },
             _ = cut.changed() => break,
         };
+        if blackhole.load(Ordering::SeqCst) {
+            continue; // dropped on the floor: no FIN, no RST, no data
+        }
         let ms = delay.as_ref().map_or(0, |d| d.load(Ordering::SeqCst));
         let at = tokio::time::Instant::now() + Duration::from_millis(ms);
         if chunks.send((at, buf[..n].to_vec())).is_err() {
@@ -143,6 +147,7 @@ pub struct TcpProxy {
     up: Arc<AtomicBool>,
     cut: watch::Sender<u64>,
     delay_ms: Arc<AtomicU64>,
+    blackhole: Arc<AtomicBool>,
 }
 
 impl TcpProxy {
@@ -153,7 +158,13 @@ impl TcpProxy {
         let up = Arc::new(AtomicBool::new(true));
         let (cut, _) = watch::channel(0u64);
         let delay_ms = Arc::new(AtomicU64::new(0));
-        let (up2, cut2, delay2) = (Arc::clone(&up), cut.clone(), Arc::clone(&delay_ms));
+        let blackhole = Arc::new(AtomicBool::new(false));
+        let (up2, cut2, delay2, hole2) = (
+            Arc::clone(&up),
+            cut.clone(),
+            Arc::clone(&delay_ms),
+            Arc::clone(&blackhole),
+        );
         tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -170,8 +181,14 @@ impl TcpProxy {
                 let _ = server.set_nodelay(true);
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(pipe(cr, sw, cut2.subscribe(), None));
-                tokio::spawn(pipe(sr, cw, cut2.subscribe(), Some(Arc::clone(&delay2))));
+                tokio::spawn(pipe(cr, sw, cut2.subscribe(), None, Arc::clone(&hole2)));
+                tokio::spawn(pipe(
+                    sr,
+                    cw,
+                    cut2.subscribe(),
+                    Some(Arc::clone(&delay2)),
+                    Arc::clone(&hole2),
+                ));
             }
         });
         Self {
@@ -179,6 +196,7 @@ impl TcpProxy {
             up,
             cut,
             delay_ms,
+            blackhole,
         }
     }
 
@@ -188,9 +206,16 @@ impl TcpProxy {
         self.cut.send_modify(|n| *n += 1);
     }
 
-    /// Accepts connections again.
+    /// Accepts connections again and forwards bytes again.
     pub fn restore(&self) {
+        self.blackhole.store(false, Ordering::SeqCst);
         self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// Drops every byte in both directions, on open and new connections, without closing
+    /// anything: a dead NAT entry or a node lost without a reset, until [`TcpProxy::restore`].
+    pub fn blackhole(&self) {
+        self.blackhole.store(true, Ordering::SeqCst);
     }
 
     /// Delays every chunk from the broker to the client (acks, confirms) by `delay`.

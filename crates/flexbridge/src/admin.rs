@@ -2,6 +2,7 @@
 
 use bytes::Bytes;
 use flexbridge_core::Delivery;
+use flexbridge_spool::Spool;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::server::conn::http1;
@@ -23,11 +24,18 @@ pub struct AdminState {
     pub draining: AtomicBool,
     /// Each sink's last health result: name and error, if any.
     sinks: RwLock<Vec<(String, Option<String>)>>,
+    /// In spool mode, readiness follows the spool accepting writes, not the brokers: a broker
+    /// blip must not take every replica out of the Service.
+    spool: Option<Arc<Spool>>,
 }
 
 impl AdminState {
     /// New state; sinks count as unhealthy until the first check.
-    pub fn new(registry: prometheus::Registry, delivery: Arc<Delivery>) -> Self {
+    pub fn new(
+        registry: prometheus::Registry,
+        delivery: Arc<Delivery>,
+        spool: Option<Arc<Spool>>,
+    ) -> Self {
         let sinks = delivery
             .sinks()
             .map(|s| (s.name().to_owned(), Some("not checked yet".to_owned())))
@@ -37,11 +45,18 @@ impl AdminState {
             delivery,
             draining: AtomicBool::new(false),
             sinks: RwLock::new(sinks),
+            spool,
         }
     }
 
     /// Runs every sink's health check and records the results, logging changes.
     pub async fn refresh_health(&self, timeout: Duration) {
+        if let Some(spool) = &self.spool {
+            // Refreshes the spool's depth and age gauges.
+            if let Err(error) = spool.status() {
+                tracing::warn!(%error, "spool status unavailable");
+            }
+        }
         let results = self.delivery.check_health(timeout).await;
         let Ok(mut sinks) = self.sinks.write() else {
             return;
@@ -62,10 +77,19 @@ impl AdminState {
     fn readiness(&self) -> (bool, String) {
         let draining = self.draining.load(Ordering::SeqCst);
         let sinks = self.sinks.read().map(|s| s.clone()).unwrap_or_default();
-        let healthy = sinks.iter().all(|(_, error)| error.is_none());
+        let sinks_healthy = sinks.iter().all(|(_, error)| error.is_none());
+        let spool = self.spool.as_ref().map(|spool| spool.check());
+        let healthy = match &spool {
+            Some(check) => check.is_ok(),
+            None => sinks_healthy,
+        };
         let body = serde_json::json!({
             "ready": healthy && !draining,
             "draining": draining,
+            "spool": spool.map(|check| serde_json::json!({
+                "writable": check.is_ok(),
+                "error": check.err().map(|e| e.to_string()),
+            })),
             "sinks": sinks.iter().map(|(name, error)| serde_json::json!({
                 "name": name,
                 "healthy": error.is_none(),

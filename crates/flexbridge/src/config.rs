@@ -27,9 +27,12 @@ pub struct AppConfig {
     /// `[twilio]`: signature verification.
     #[serde(default)]
     pub twilio: TwilioConfig,
-    /// `[delivery]`: acknowledgement deadline and retries.
+    /// `[delivery]`: when a webhook is acknowledged (mode), deadline and retries.
     #[serde(default)]
     pub delivery: DeliveryConfig,
+    /// `[spool]`: the durable local spool of `delivery.mode = "spool"`.
+    #[serde(default)]
+    pub spool: flexbridge_spool::SpoolConfig,
     /// `[admin]`: health, readiness and metrics.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -59,6 +62,7 @@ impl Default for AppConfig {
             ingress: IngressConfig::default(),
             twilio: TwilioConfig::default(),
             delivery: DeliveryConfig::default(),
+            spool: flexbridge_spool::SpoolConfig::default(),
             admin: AdminConfig::default(),
             shutdown: ShutdownConfig::default(),
             sinks: default_sinks(),
@@ -130,7 +134,7 @@ impl Default for ShutdownConfig {
 pub struct ConfigErrors(pub Vec<String>);
 
 const SECTIONS: &[&str] = &[
-    "ingress", "twilio", "delivery", "admin", "shutdown", "sinks", "webhooks",
+    "ingress", "twilio", "delivery", "spool", "admin", "shutdown", "sinks", "webhooks",
 ];
 
 /// Loads the file (if any) and the environment, and validates the result.
@@ -184,6 +188,7 @@ pub fn from_value(value: Value, env_auth_token: Option<&str>) -> Result<AppConfi
         ingress: section(table, "ingress", &mut errors),
         twilio: section(table, "twilio", &mut errors),
         delivery: section(table, "delivery", &mut errors),
+        spool: section(table, "spool", &mut errors),
         admin: section(table, "admin", &mut errors),
         shutdown: section(table, "shutdown", &mut errors),
         webhooks: section(table, "webhooks", &mut errors),
@@ -247,6 +252,9 @@ pub fn validate(config: &AppConfig) -> Vec<String> {
             .iter()
             .map(|p| format!("delivery: {p}")),
     );
+    if config.delivery.mode == flexbridge_core::DeliveryMode::Spool {
+        errors.extend(config.spool.validate());
+    }
     if config.delivery.ack_timeout >= Duration::from_secs(15) {
         errors
             .push("delivery.ack_timeout: must stay below Twilio's 15 s request timeout".to_owned());

@@ -4,8 +4,9 @@ use crate::admin::{self, AdminState};
 use crate::config::{AppConfig, SinkConfig};
 use anyhow::Context as _;
 use flexbridge_core::metrics::Metrics;
-use flexbridge_core::{Delivery, Sink, SinkContext};
+use flexbridge_core::{Delivery, DeliveryMode, Intake, Sink, SinkContext};
 use flexbridge_ingress::Ingress;
+use flexbridge_spool::{Runner, Spool};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -76,16 +77,41 @@ pub async fn start_on(
             anyhow::anyhow!("{}", errors.join("; "))
         },
     )?);
+    // Spool mode: the webhook is answered once the event is durable on local disk; the runner
+    // delivers to the sinks in the background.
+    let spooling = match config.delivery.mode {
+        DeliveryMode::Confirm => None,
+        DeliveryMode::Spool => {
+            let names = delivery.sinks().map(|s| s.name().to_owned()).collect();
+            let spool = Spool::open(&config.spool.dir, config.spool.max_bytes, names, &registry)
+                .context("opening the spool")?;
+            let runner = Runner::start(
+                Arc::clone(&spool),
+                Arc::clone(&delivery),
+                config.spool.lanes,
+            );
+            tracing::info!(dir = %config.spool.dir.display(), max_bytes = config.spool.max_bytes, "spool mode: webhooks are acknowledged once durable in the spool");
+            Some((spool, runner))
+        }
+    };
+    let intake: Arc<dyn Intake> = match &spooling {
+        Some((spool, _)) => Arc::clone(spool) as Arc<dyn Intake>,
+        None => Arc::clone(&delivery) as Arc<dyn Intake>,
+    };
     let ingress = Arc::new(Ingress::new(
         config.ingress.clone(),
         &config.twilio,
-        Arc::clone(&delivery),
+        intake,
         metrics,
     )?);
     let ingress_addr = ingress_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let state = Arc::new(AdminState::new(registry, Arc::clone(&delivery)));
+    let state = Arc::new(AdminState::new(
+        registry,
+        Arc::clone(&delivery),
+        spooling.as_ref().map(|(spool, _)| Arc::clone(spool)),
+    ));
     state.refresh_health(config.admin.health_timeout).await;
     let (stop, stopped) = watch::channel(false);
     let (finished, admin_until) = watch::channel(false);
@@ -110,6 +136,7 @@ pub async fn start_on(
     );
 
     let shutdown = config.shutdown.clone();
+    let spool_dir = config.spool.dir.clone();
     let task = tokio::spawn(async move {
         let mut signal = stopped.clone();
         let stop_requested = async move {
@@ -127,6 +154,14 @@ pub async fn start_on(
         );
         let all_finished = serving.await;
         let mut failed = false;
+        if let Some((spool, runner)) = spooling {
+            // Keep delivering the backlog for a while; what is left stays on disk.
+            if !runner.drain(shutdown.drain_timeout).await {
+                failed = true;
+                tracing::warn!(dir = %spool_dir.display(), "spool: events not yet delivered to every sink stay in the spool and are delivered after the next start");
+            }
+            spool.close();
+        }
         for (sink, result) in delivery.drain(shutdown.drain_timeout).await {
             match result {
                 Ok(()) => tracing::info!(sink, "sink drained"),

@@ -1,0 +1,684 @@
+//! The spool's storage: one redb file with three tables, written by one thread that
+//! group-commits everything queued since its last commit.
+//!
+//! - `events`: sequence number -> spool record ([`flexbridge_core::WebhookRequest::encode`]).
+//! - `cursors`: sink name -> the first sequence number that sink has not finished (every
+//!   record below it was confirmed or dead-lettered by that sink).
+//! - `dead_letters`: (sink, sequence number) -> time, reason, message and the record.
+//!
+//! A record is deleted once every configured sink's cursor is past it.
+
+use async_trait::async_trait;
+use flexbridge_core::{Event, Intake, IntakeError, WebhookRequest};
+use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, oneshot, watch};
+
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
+const DEAD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_letters");
+
+/// Most commands folded into one commit.
+const MAX_BATCH: usize = 4096;
+
+/// Why the spool refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// `spool.max_bytes` is reached.
+    #[error("the spool is full ({bytes} of {max} bytes waiting for the sinks)")]
+    Full {
+        /// Bytes waiting.
+        bytes: u64,
+        /// `spool.max_bytes`.
+        max: u64,
+    },
+    /// The store failed (disk full, I/O error).
+    #[error("the spool cannot write: {0}")]
+    Storage(String),
+    /// The spool was closed.
+    #[error("the spool is closed")]
+    Closed,
+    /// The spool directory could not be prepared.
+    #[error("cannot open the spool in {dir}: {message}")]
+    Open {
+        /// The directory.
+        dir: String,
+        /// Why.
+        message: String,
+    },
+}
+
+impl<E: Into<redb::Error>> From<E> for SpoolError {
+    fn from(error: E) -> Self {
+        Self::Storage(error.into().to_string())
+    }
+}
+
+/// Where an append's sequence number (or its failure) goes.
+type Reply = oneshot::Sender<Result<u64, SpoolError>>;
+
+enum Command {
+    Append {
+        record: Vec<u8>,
+        done: Reply,
+    },
+    Progress {
+        sink: usize,
+        cursor: u64,
+    },
+    DeadLetter {
+        sink: usize,
+        seq: u64,
+        reason: String,
+        message: String,
+    },
+    Stop,
+}
+
+/// The spool: append (group-committed), read for delivery, record progress and dead letters.
+pub struct Spool {
+    db: Arc<Database>,
+    commands: mpsc::UnboundedSender<Command>,
+    committed: watch::Receiver<u64>,
+    shared: Arc<Shared>,
+    sinks: Vec<String>,
+    start_cursors: Vec<u64>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// State the writer thread and the spool share.
+struct Shared {
+    bytes: AtomicU64,
+    max_bytes: u64,
+    /// Set when an append found no room; cleared when records leave.
+    full: AtomicBool,
+    healthy: AtomicBool,
+    metrics: SpoolMetrics,
+}
+
+/// The spool's metric families.
+struct SpoolMetrics {
+    bytes: IntGauge,
+    depth: Vec<IntGauge>,
+    oldest: Vec<prometheus::Gauge>,
+    dead: Vec<IntGauge>,
+    replayed: IntCounter,
+    write_errors: IntCounter,
+}
+
+impl SpoolMetrics {
+    fn register(registry: &Registry, sinks: &[String]) -> Result<Self, prometheus::Error> {
+        let bytes = IntGauge::new(
+            "flexbridge_spool_bytes",
+            "Bytes of records in the spool waiting for at least one sink.",
+        )?;
+        let depth = IntGaugeVec::new(
+            Opts::new(
+                "flexbridge_spool_depth",
+                "Records in the spool a sink has not finished yet.",
+            ),
+            &["sink"],
+        )?;
+        let oldest = prometheus::GaugeVec::new(
+            Opts::new(
+                "flexbridge_spool_oldest_age_seconds",
+                "Age of the oldest record a sink has not finished (0 when none).",
+            ),
+            &["sink"],
+        )?;
+        let dead = IntGaugeVec::new(
+            Opts::new(
+                "flexbridge_spool_dead_letters",
+                "Events a sink refused for good, kept in the spool's dead letters.",
+            ),
+            &["sink"],
+        )?;
+        let replayed = IntCounter::new(
+            "flexbridge_spool_replayed_total",
+            "Records found unfinished at start-up and delivered again.",
+        )?;
+        let write_errors = IntCounter::new(
+            "flexbridge_spool_write_errors_total",
+            "Spool commits that failed (the webhooks in them were answered 503).",
+        )?;
+        registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(depth.clone()))?;
+        registry.register(Box::new(oldest.clone()))?;
+        registry.register(Box::new(dead.clone()))?;
+        registry.register(Box::new(replayed.clone()))?;
+        registry.register(Box::new(write_errors.clone()))?;
+        Ok(Self {
+            bytes,
+            depth: sinks
+                .iter()
+                .map(|s| depth.with_label_values(&[s]))
+                .collect(),
+            oldest: sinks
+                .iter()
+                .map(|s| oldest.with_label_values(&[s]))
+                .collect(),
+            dead: sinks.iter().map(|s| dead.with_label_values(&[s])).collect(),
+            replayed,
+            write_errors,
+        })
+    }
+}
+
+/// One dead letter.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DeadLetter {
+    /// The sink that refused it.
+    pub sink: String,
+    /// Its sequence number in the spool.
+    pub seq: u64,
+    /// When it was dead-lettered (milliseconds since the epoch).
+    pub time_ms: u64,
+    /// The sink's low-cardinality reason.
+    pub reason: String,
+    /// The sink's message.
+    pub message: String,
+    /// The spool record.
+    #[serde(skip)]
+    pub record: Vec<u8>,
+}
+
+/// One sink's view of the spool.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SinkStatus {
+    /// The sink.
+    pub sink: String,
+    /// Records it has not finished.
+    pub depth: u64,
+    /// Age of the oldest of them, in seconds.
+    pub oldest_age_secs: f64,
+    /// Its dead letters.
+    pub dead_letters: u64,
+}
+
+/// The whole spool's state.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SpoolStatus {
+    /// Bytes of records waiting.
+    pub bytes: u64,
+    /// `spool.max_bytes`.
+    pub max_bytes: u64,
+    /// Whether the last commit succeeded.
+    pub writable: bool,
+    /// Per sink.
+    pub sinks: Vec<SinkStatus>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn encode_dead(reason: &str, message: &str, record: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + reason.len() + message.len() + record.len());
+    out.extend_from_slice(&now_ms().to_be_bytes());
+    for text in [reason, message] {
+        out.extend_from_slice(&(text.len() as u32).to_be_bytes());
+        out.extend_from_slice(text.as_bytes());
+    }
+    out.extend_from_slice(record);
+    out
+}
+
+fn decode_dead(sink: &str, seq: u64, bytes: &[u8]) -> Option<DeadLetter> {
+    let time_ms = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+    let mut at = 8;
+    let mut text = || -> Option<String> {
+        let len = u32::from_be_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
+        let value = String::from_utf8_lossy(bytes.get(at + 4..at + 4 + len)?).into_owned();
+        at += 4 + len;
+        Some(value)
+    };
+    let reason = text()?;
+    let message = text()?;
+    Some(DeadLetter {
+        sink: sink.to_owned(),
+        seq,
+        time_ms,
+        reason,
+        message,
+        record: bytes.get(at..)?.to_vec(),
+    })
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `dir` for these sinks (configuration order) and starts
+    /// its writer thread. Records a sink had not finished are delivered again.
+    pub fn open(
+        dir: &Path,
+        max_bytes: u64,
+        sinks: Vec<String>,
+        registry: &Registry,
+    ) -> Result<Arc<Self>, SpoolError> {
+        let open_error = |message: String| SpoolError::Open {
+            dir: dir.display().to_string(),
+            message,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open_error(e.to_string()))?;
+        let db = Database::create(dir.join("spool.redb")).map_err(|e| open_error(e.to_string()))?;
+        let tx = db.begin_write()?;
+        tx.open_table(EVENTS)?;
+        tx.open_table(CURSORS)?;
+        tx.open_table(DEAD)?;
+        tx.commit()?;
+
+        let tx = db.begin_read()?;
+        let events = tx.open_table(EVENTS)?;
+        let cursors = tx.open_table(CURSORS)?;
+        let mut bytes = 0u64;
+        for entry in events.iter()? {
+            bytes += entry?.1.value().len() as u64;
+        }
+        let first = events.first()?.map(|(k, _)| k.value());
+        let last = events.last()?.map(|(k, _)| k.value());
+        let mut highest_cursor = 0;
+        for entry in cursors.iter()? {
+            highest_cursor = highest_cursor.max(entry?.1.value());
+        }
+        let next_seq = last.map_or(0, |l| l + 1).max(highest_cursor);
+        let mut start_cursors = Vec::with_capacity(sinks.len());
+        for sink in &sinks {
+            // A sink new to this spool starts at the oldest record still kept.
+            let stored = cursors.get(sink.as_str())?.map(|c| c.value());
+            start_cursors.push(stored.unwrap_or_else(|| first.unwrap_or(next_seq)));
+        }
+        let dead_table = tx.open_table(DEAD)?;
+        let mut dead_counts = vec![0i64; sinks.len()];
+        for entry in dead_table.iter()? {
+            let (key, _) = entry?;
+            let (sink, _) = key.value();
+            if let Some(i) = sinks.iter().position(|s| s == sink) {
+                dead_counts[i] += 1;
+            }
+        }
+        drop((events, cursors, dead_table, tx));
+
+        let metrics =
+            SpoolMetrics::register(registry, &sinks).map_err(|e| open_error(e.to_string()))?;
+        metrics.bytes.set(bytes as i64);
+        let mut replayed = 0;
+        for (i, cursor) in start_cursors.iter().enumerate() {
+            let depth = next_seq.saturating_sub(*cursor);
+            replayed += depth;
+            metrics.depth[i].set(depth as i64);
+            metrics.dead[i].set(dead_counts[i]);
+        }
+        metrics.replayed.inc_by(replayed);
+        if replayed > 0 {
+            tracing::info!(
+                records = replayed,
+                bytes,
+                "spool: delivering again what the sinks had not confirmed before the restart"
+            );
+        }
+        let shared = Arc::new(Shared {
+            bytes: AtomicU64::new(bytes),
+            max_bytes,
+            full: AtomicBool::new(bytes >= max_bytes),
+            healthy: AtomicBool::new(true),
+            metrics,
+        });
+        let db = Arc::new(db);
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let (committed_tx, committed) = watch::channel(next_seq);
+        let writer = Writer {
+            db: Arc::clone(&db),
+            shared: Arc::clone(&shared),
+            sinks: sinks.clone(),
+            cursors: start_cursors.clone(),
+            persisted: start_cursors.clone(),
+            next_seq,
+            deleted_below: first.unwrap_or(next_seq),
+            committed: committed_tx,
+        };
+        let handle = std::thread::Builder::new()
+            .name("spool-writer".to_owned())
+            .spawn(move || writer.run(receiver))
+            .map_err(|e| open_error(e.to_string()))?;
+        Ok(Arc::new(Self {
+            db,
+            commands,
+            committed,
+            shared,
+            sinks,
+            start_cursors,
+            writer: Mutex::new(Some(handle)),
+        }))
+    }
+
+    /// Appends a record; returns its sequence number once it is durable (fsynced).
+    pub async fn append(&self, record: Vec<u8>) -> Result<u64, SpoolError> {
+        let size = record.len() as u64;
+        let before = self.shared.bytes.fetch_add(size, Ordering::AcqRel);
+        if before + size > self.shared.max_bytes {
+            self.shared.bytes.fetch_sub(size, Ordering::AcqRel);
+            self.shared.full.store(true, Ordering::Release);
+            return Err(SpoolError::Full {
+                bytes: before,
+                max: self.shared.max_bytes,
+            });
+        }
+        let (done, result) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Append { record, done })
+            .is_err()
+        {
+            self.shared.bytes.fetch_sub(size, Ordering::AcqRel);
+            return Err(SpoolError::Closed);
+        }
+        result.await.unwrap_or(Err(SpoolError::Closed))
+    }
+
+    /// The sinks, in configuration order.
+    pub fn sinks(&self) -> &[String] {
+        &self.sinks
+    }
+
+    /// Where sink `index` starts after opening.
+    pub fn start_cursor(&self, index: usize) -> u64 {
+        self.start_cursors.get(index).copied().unwrap_or(0)
+    }
+
+    /// The next sequence number to be committed (records below it are durable).
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
+    }
+
+    /// Up to `limit` records with `from <= seq < to`, in order.
+    pub fn read(
+        &self,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
+        let tx = self.db.begin_read()?;
+        let events = tx.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for entry in events.range(from..to)?.take(limit) {
+            let (key, value) = entry?;
+            out.push((key.value(), value.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Sink `index` finished every record below `cursor`.
+    pub fn progress(&self, index: usize, cursor: u64) {
+        let _ = self.commands.send(Command::Progress {
+            sink: index,
+            cursor,
+        });
+    }
+
+    /// Sink `index` refused record `seq` for good: keep it in the dead letters.
+    pub fn dead_letter(&self, index: usize, seq: u64, reason: &str, message: &str) {
+        let _ = self.commands.send(Command::DeadLetter {
+            sink: index,
+            seq,
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+        });
+    }
+
+    /// Whether the spool accepts writes: its last commit succeeded and it has room.
+    pub fn check(&self) -> Result<(), SpoolError> {
+        if !self.shared.healthy.load(Ordering::Acquire) {
+            return Err(SpoolError::Storage("the last commit failed".to_owned()));
+        }
+        let bytes = self.shared.bytes.load(Ordering::Acquire);
+        if self.shared.full.load(Ordering::Acquire) {
+            return Err(SpoolError::Full {
+                bytes,
+                max: self.shared.max_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Depth, oldest age and dead letters per sink; updates the gauges.
+    pub fn status(&self) -> Result<SpoolStatus, SpoolError> {
+        let tx = self.db.begin_read()?;
+        let events = tx.open_table(EVENTS)?;
+        let cursors = tx.open_table(CURSORS)?;
+        let dead = tx.open_table(DEAD)?;
+        let next = *self.committed.borrow();
+        let mut sinks = Vec::with_capacity(self.sinks.len());
+        for (i, sink) in self.sinks.iter().enumerate() {
+            let cursor = cursors
+                .get(sink.as_str())?
+                .map_or(self.start_cursor(i), |c| c.value());
+            let oldest = events
+                .range(cursor..)?
+                .next()
+                .transpose()?
+                .and_then(|(_, v)| WebhookRequest::decode(v.value()).ok())
+                .and_then(|r| SystemTime::now().duration_since(r.received_at).ok())
+                .unwrap_or(Duration::ZERO);
+            let dead_letters = dead
+                .range((sink.as_str(), 0)..=(sink.as_str(), u64::MAX))?
+                .count() as u64;
+            self.shared.metrics.oldest[i].set(oldest.as_secs_f64());
+            sinks.push(SinkStatus {
+                sink: sink.clone(),
+                depth: next.saturating_sub(cursor),
+                oldest_age_secs: oldest.as_secs_f64(),
+                dead_letters,
+            });
+        }
+        Ok(SpoolStatus {
+            bytes: self.shared.bytes.load(Ordering::Acquire),
+            max_bytes: self.shared.max_bytes,
+            writable: self.shared.healthy.load(Ordering::Acquire),
+            sinks,
+        })
+    }
+
+    /// The dead letters, of one sink or of all.
+    pub fn dead_letters(&self, sink: Option<&str>) -> Result<Vec<DeadLetter>, SpoolError> {
+        let tx = self.db.begin_read()?;
+        let dead = tx.open_table(DEAD)?;
+        let mut out = Vec::new();
+        for entry in dead.iter()? {
+            let (key, value) = entry?;
+            let (name, seq) = key.value();
+            if sink.is_none_or(|s| s == name) {
+                if let Some(letter) = decode_dead(name, seq, value.value()) {
+                    out.push(letter);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stops the writer after everything queued so far is committed.
+    pub fn close(&self) {
+        let _ = self.commands.send(Command::Stop);
+        let handle = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+#[async_trait]
+impl Intake for Spool {
+    fn wants_record(&self) -> bool {
+        true
+    }
+
+    async fn accept(&self, _event: &Event, record: Option<Vec<u8>>) -> Result<(), IntakeError> {
+        let Some(record) = record else {
+            return Err(IntakeError::Spool {
+                reason: "spool_unavailable",
+                message: "no spool record was made for this event".to_owned(),
+            });
+        };
+        match self.append(record).await {
+            Ok(_) => Ok(()),
+            Err(error @ SpoolError::Full { .. }) => Err(IntakeError::Spool {
+                reason: "spool_full",
+                message: error.to_string(),
+            }),
+            Err(error) => Err(IntakeError::Spool {
+                reason: "spool_unavailable",
+                message: error.to_string(),
+            }),
+        }
+    }
+}
+
+/// The writer thread: folds every queued command into one transaction.
+struct Writer {
+    db: Arc<Database>,
+    shared: Arc<Shared>,
+    sinks: Vec<String>,
+    cursors: Vec<u64>,
+    persisted: Vec<u64>,
+    next_seq: u64,
+    deleted_below: u64,
+    committed: watch::Sender<u64>,
+}
+
+impl Writer {
+    fn run(mut self, mut receiver: mpsc::UnboundedReceiver<Command>) {
+        let mut stop = false;
+        while !stop {
+            let Some(first) = receiver.blocking_recv() else {
+                break;
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match receiver.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            let mut appends = Vec::new();
+            let mut dead = Vec::new();
+            for command in batch {
+                match command {
+                    Command::Append { record, done } => appends.push((record, done)),
+                    Command::Progress { sink, cursor } => {
+                        if let Some(c) = self.cursors.get_mut(sink) {
+                            *c = (*c).max(cursor);
+                        }
+                    }
+                    Command::DeadLetter {
+                        sink,
+                        seq,
+                        reason,
+                        message,
+                    } => dead.push((sink, seq, reason, message)),
+                    Command::Stop => stop = true,
+                }
+            }
+            let first_seq = self.next_seq;
+            let deleted_below = self.deleted_below;
+            match self.commit(&appends, &dead) {
+                Ok(freed) => {
+                    self.shared.healthy.store(true, Ordering::Release);
+                    let bytes = self.shared.bytes.fetch_sub(freed, Ordering::AcqRel) - freed;
+                    if freed > 0 {
+                        self.shared.full.store(false, Ordering::Release);
+                    }
+                    self.shared.metrics.bytes.set(bytes as i64);
+                    self.persisted.clone_from(&self.cursors);
+                    for (i, cursor) in self.cursors.iter().enumerate() {
+                        self.shared.metrics.depth[i]
+                            .set(self.next_seq.saturating_sub(*cursor) as i64);
+                    }
+                    for (sink, ..) in &dead {
+                        if let Some(gauge) = self.shared.metrics.dead.get(*sink) {
+                            gauge.inc();
+                        }
+                    }
+                    let _ = self.committed.send(self.next_seq);
+                    for (n, (_, done)) in appends.into_iter().enumerate() {
+                        let _ = done.send(Ok(first_seq + n as u64));
+                    }
+                }
+                Err(error) => {
+                    self.next_seq = first_seq;
+                    self.deleted_below = deleted_below;
+                    self.cursors.clone_from(&self.persisted);
+                    self.shared.healthy.store(false, Ordering::Release);
+                    self.shared.metrics.write_errors.inc();
+                    tracing::error!(%error, records = appends.len(), "spool commit failed: the webhooks in it are answered 503");
+                    for (record, done) in appends {
+                        self.shared
+                            .bytes
+                            .fetch_sub(record.len() as u64, Ordering::AcqRel);
+                        let _ = done.send(Err(SpoolError::Storage(error.to_string())));
+                    }
+                    // Dead letters and progress are sent again by their runners' next
+                    // progress; a dead letter lost here is delivered again after a restart.
+                }
+            }
+        }
+    }
+
+    /// One transaction: appends, dead letters, cursors, and the deletion of records every
+    /// sink is past. Durable (fsynced) when it holds appends or dead letters. Returns the
+    /// bytes freed.
+    fn commit(
+        &mut self,
+        appends: &[(Vec<u8>, Reply)],
+        dead: &[(usize, u64, String, String)],
+    ) -> Result<u64, SpoolError> {
+        let mut tx = self.db.begin_write()?;
+        if appends.is_empty() && dead.is_empty() {
+            // Progress only: losing it in a crash means delivering again, never losing.
+            tx.set_durability(Durability::None)?;
+        }
+        let mut freed = 0;
+        {
+            let mut events = tx.open_table(EVENTS)?;
+            for (record, _) in appends {
+                events.insert(self.next_seq, record.as_slice())?;
+                self.next_seq += 1;
+            }
+            let mut dead_table = tx.open_table(DEAD)?;
+            for (sink, seq, reason, message) in dead {
+                let record = events
+                    .get(*seq)?
+                    .map(|v| v.value().to_vec())
+                    .unwrap_or_default();
+                if let Some(name) = self.sinks.get(*sink) {
+                    dead_table.insert(
+                        (name.as_str(), *seq),
+                        encode_dead(reason, message, &record).as_slice(),
+                    )?;
+                }
+            }
+            let mut cursors = tx.open_table(CURSORS)?;
+            for (i, cursor) in self.cursors.iter().enumerate() {
+                if self.persisted.get(i) != Some(cursor) {
+                    cursors.insert(self.sinks[i].as_str(), *cursor)?;
+                }
+            }
+            let low = self.cursors.iter().copied().min().unwrap_or(self.next_seq);
+            if low > self.deleted_below {
+                events.retain_in(self.deleted_below..low, |_, value| {
+                    freed += value.len() as u64;
+                    false
+                })?;
+                self.deleted_below = low;
+            }
+        }
+        tx.commit()?;
+        Ok(freed)
+    }
+}

@@ -1,0 +1,293 @@
+//! `delivery.mode = "spool"` end to end: the real binary, signed traffic from the simulator,
+//! the broker connection broken by the testkit proxy, events read back from the real broker.
+//! Every webhook answered 200 must arrive, whatever happened to the broker or the daemon.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the failure report
+
+use flexbridge_e2e::*;
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "spool-e2e-token";
+const PATH: &str = "/flex/interactions";
+
+/// A spool-mode daemon publishing to RabbitMQ through `proxy`, its spool in `spool_dir`.
+fn rabbit_daemon(
+    proxy: &Proxy,
+    spool_dir: &Path,
+    exchange: &str,
+    queue: &str,
+    extra: &str,
+) -> Daemon {
+    let uri = amqp_url().replace(authority(&amqp_url()), &proxy.addr());
+    Daemon::start(&format!(
+        "[twilio]\nauth_tokens = [\"{TOKEN}\"]\n[delivery]\nmode = \"spool\"\n[spool]\ndir = \"{}\"\n{extra}\n[[sinks]]\nname = \"rabbit\"\ntype = \"rabbitmq\"\nuri = \"{uri}\"\nexchange = \"{exchange}\"\nrouting_key = \"flex.{{event}}\"\n[sinks.declare]\nexchange_type = \"topic\"\ndurable = false\n[[sinks.declare.queues]]\nname = \"{queue}\"\ndurable = false\nbindings = [\"flex.#\"]\n",
+        spool_dir.display()
+    ))
+}
+
+/// Waits until the spool has delivered everything to `sink` (at most `limit`).
+fn wait_delivered(daemon: &Daemon, sink: &str, limit: Duration) {
+    let started = Instant::now();
+    let sample = format!("flexbridge_spool_depth{{sink=\"{sink}\"}}");
+    // Depth 0 with at least one commit behind it: the gauge starts at 0 too.
+    while daemon.metric(&sample) > 0.0 {
+        assert!(
+            started.elapsed() < limit,
+            "the spool still holds {} events for {sink}",
+            daemon.metric(&sample)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn ride_out_a_rabbitmq_outage(fault: Fault) {
+    let (exchange, queue) = (unique("fbe2e.spool."), unique("fbe2e.spoolq."));
+    let spool = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(authority(&amqp_url()));
+    let d = rabbit_daemon(&proxy, spool.path(), &exchange, &queue, "");
+    wait_ready(&d);
+    // 30 s without the broker, under steady traffic.
+    let load = (Duration::from_secs(34), 40);
+    let window = (Duration::from_secs(2), Duration::from_secs(30));
+    let readiness = {
+        let admin = d.admin;
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(10));
+            get(admin, "/readyz")
+        })
+    };
+    let summary = traffic_through_fault(&d, PATH, TOKEN, &proxy, load, window, fault);
+    let sent = summary["sent"].as_u64().unwrap();
+    assert!(sent >= 1000, "{summary}");
+    assert_eq!(summary["status"]["200"], sent, "{summary}");
+    // A broker outage does not take the replica out of the Service in spool mode.
+    let ready = readiness.join().unwrap();
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(ready.json()["spool"]["writable"], true);
+    wait_delivered(&d, "rabbit", Duration::from_secs(90));
+    drop(d);
+    let ids = drain_and_delete(&exchange, &queue);
+    assert_eq!(
+        ids.iter().collect::<HashSet<_>>().len() as u64,
+        sent,
+        "every acknowledged event is in the queue"
+    );
+}
+
+#[test]
+fn spool_mode_acknowledges_everything_through_a_30s_rabbitmq_reset() {
+    ride_out_a_rabbitmq_outage(Fault::Cut);
+}
+
+#[test]
+fn spool_mode_acknowledges_everything_through_a_30s_rabbitmq_blackhole() {
+    ride_out_a_rabbitmq_outage(Fault::Blackhole);
+}
+
+#[test]
+fn spool_mode_acknowledges_everything_through_a_30s_nats_reset() {
+    ride_out_a_nats_outage(Fault::Cut);
+}
+
+#[test]
+fn spool_mode_acknowledges_everything_through_a_30s_nats_blackhole() {
+    ride_out_a_nats_outage(Fault::Blackhole);
+}
+
+fn ride_out_a_nats_outage(fault: Fault) {
+    let (stream, prefix) = (unique("FBE2ESPOOL"), unique("fbe2espool"));
+    let spool = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(authority(&nats_url()));
+    let d = Daemon::start(&format!(
+        "[twilio]\nauth_tokens = [\"{TOKEN}\"]\n[delivery]\nmode = \"spool\"\n[spool]\ndir = \"{}\"\n\n[[sinks]]\nname = \"jetstream\"\ntype = \"nats\"\nurl = \"nats://{}\"\nsubject = \"{prefix}.{{account}}.{{event}}\"\n[sinks.stream]\nname = \"{stream}\"\nstorage = \"memory\"\nduplicate_window = \"5m\"\n",
+        spool.path().display(),
+        proxy.addr()
+    ));
+    wait_ready(&d);
+    let summary = traffic_through_fault(
+        &d,
+        PATH,
+        TOKEN,
+        &proxy,
+        (Duration::from_secs(34), 40),
+        (Duration::from_secs(2), Duration::from_secs(30)),
+        fault,
+    );
+    let sent = summary["sent"].as_u64().unwrap();
+    assert!(sent >= 1000, "{summary}");
+    assert_eq!(summary["status"]["200"], sent, "{summary}");
+    wait_delivered(&d, "jetstream", Duration::from_secs(90));
+    drop(d);
+    let messages = drain_stream(&stream);
+    let ids: HashSet<&str> = messages.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        ids.len() as u64,
+        sent,
+        "every acknowledged event is in the stream"
+    );
+}
+
+/// kill -9 with the broker down and events waiting, then a restart on the same spool: the new
+/// process delivers every acknowledged event.
+#[test]
+fn kill_9_with_the_broker_down_loses_nothing_acknowledged() {
+    let (exchange, queue) = (unique("fbe2e.kill."), unique("fbe2e.killq."));
+    let spool = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(authority(&amqp_url()));
+    let d = rabbit_daemon(&proxy, spool.path(), &exchange, &queue, "");
+    wait_ready(&d);
+    proxy.proxy.cut();
+    let summary = simulate_with(
+        &d.url(PATH),
+        TOKEN,
+        &["--count", "300", "--concurrency", "16"],
+    );
+    assert_eq!(summary["status"]["200"], 300, "{summary}");
+    assert!(d.metric("flexbridge_spool_depth{sink=\"rabbit\"}") > 0.0);
+    drop(d); // SIGKILL
+    proxy.proxy.restore();
+    let d = rabbit_daemon(&proxy, spool.path(), &exchange, &queue, "");
+    assert!(d.metric("flexbridge_spool_replayed_total") >= 300.0);
+    wait_delivered(&d, "rabbit", Duration::from_secs(60));
+    drop(d);
+    let ids = drain_and_delete(&exchange, &queue);
+    let unique_ids = ids.iter().collect::<HashSet<_>>().len();
+    assert_eq!(unique_ids, 300, "every acknowledged event arrived");
+}
+
+/// A full spool answers 503 + Retry-After (nothing accepted is harmed) and accepts again
+/// once the sink has drained it.
+#[test]
+fn a_full_spool_answers_503_and_recovers() {
+    let (exchange, queue) = (unique("fbe2e.full."), unique("fbe2e.fullq."));
+    let spool = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(authority(&amqp_url()));
+    let d = rabbit_daemon(
+        &proxy,
+        spool.path(),
+        &exchange,
+        &queue,
+        "max_bytes = 65536\n",
+    );
+    wait_ready(&d);
+    proxy.proxy.cut();
+    let summary = simulate_with(
+        &d.url(PATH),
+        TOKEN,
+        &["--count", "600", "--concurrency", "8"],
+    );
+    let ok = summary["status"]["200"].as_u64().unwrap();
+    let full = summary["status"]["503"].as_u64().unwrap_or(0);
+    assert!(ok > 50 && full > 0, "{summary}");
+    assert_eq!(ok + full, 600);
+    assert_eq!(
+        d.metric("flexbridge_http_rejections_total{reason=\"spool_full\"}"),
+        full as f64
+    );
+    let line = d.wait_for_log("for a full spool", |l| l["reason"] == "spool_full");
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert_eq!(
+        get(d.admin, "/readyz").status,
+        503,
+        "a full spool is not ready"
+    );
+    let refused = signed_form(
+        &d,
+        PATH,
+        TOKEN,
+        &status_updated("KD000000000000000000000000000000f1", "closed"),
+    )
+    .send(d.ingress);
+    assert_eq!(refused.status, 503);
+    assert!(refused.header("retry-after").is_some());
+    assert_eq!(refused.json()["error"], "spool_full");
+    proxy.proxy.restore();
+    wait_delivered(&d, "rabbit", Duration::from_secs(60));
+    wait_ready(&d);
+    let again = simulate_with(&d.url(PATH), TOKEN, &["--count", "50"]);
+    assert_eq!(again["status"]["200"], 50, "{again}");
+    wait_delivered(&d, "rabbit", Duration::from_secs(30));
+    drop(d);
+    let ids = drain_and_delete(&exchange, &queue);
+    assert_eq!(
+        ids.iter().collect::<HashSet<_>>().len() as u64,
+        ok + 50,
+        "every 200 arrived, no 503 did"
+    );
+}
+
+/// A permanent refusal (unroutable: no queue bound) does not block the spool: the webhook got
+/// its 200, the event waits in the dead letters with the sink and the reason.
+#[test]
+fn a_permanent_refusal_lands_in_the_dead_letters() {
+    let exchange = unique("fbe2e.dead.");
+    let spool = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(authority(&amqp_url()));
+    let uri = amqp_url().replace(authority(&amqp_url()), &proxy.addr());
+    let d = Daemon::start(&format!(
+        "[twilio]\nauth_tokens = [\"{TOKEN}\"]\n[delivery]\nmode = \"spool\"\n[spool]\ndir = \"{}\"\n\n[[sinks]]\nname = \"rabbit\"\ntype = \"rabbitmq\"\nuri = \"{uri}\"\nexchange = \"{exchange}\"\n[sinks.declare]\nexchange_type = \"topic\"\ndurable = false\n",
+        spool.path().display()
+    ));
+    wait_ready(&d);
+    let response = signed_form(
+        &d,
+        PATH,
+        TOKEN,
+        &status_updated("KD000000000000000000000000000000d1", "closed"),
+    )
+    .send(d.ingress);
+    assert_eq!(response.status, 200, "{}", response.text());
+    let id = response.json()["id"].as_str().unwrap().to_owned();
+    let line = d.wait_for_log("for the dead letter", |l| {
+        l["level"] == "ERROR" && l["event_id"] == id.as_str()
+    });
+    assert_eq!(line["reason"], "unroutable", "{line}");
+    assert_eq!(
+        line["interaction_sid"], "KD000000000000000000000000000000d1",
+        "{line}"
+    );
+    wait_delivered(&d, "rabbit", Duration::from_secs(10));
+    let started = Instant::now();
+    while d.metric("flexbridge_spool_dead_letters{sink=\"rabbit\"}") < 1.0 {
+        assert!(started.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(d);
+    drain_and_delete(&exchange, "");
+}
+
+/// SIGTERM with events waiting for a broker that is down: the daemon exits within its drain
+/// timeout, the events stay in the spool, and the next start delivers them.
+#[test]
+fn sigterm_keeps_the_backlog_on_disk_for_the_next_start() {
+    let (exchange, queue) = (unique("fbe2e.term."), unique("fbe2e.termq."));
+    let spool = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(authority(&amqp_url()));
+    let mut d = rabbit_daemon(
+        &proxy,
+        spool.path(),
+        &exchange,
+        &queue,
+        "[shutdown]\ndrain_timeout = \"1s\"\n",
+    );
+    wait_ready(&d);
+    proxy.proxy.cut();
+    let summary = simulate_with(&d.url(PATH), TOKEN, &["--count", "100"]);
+    assert_eq!(summary["status"]["200"], 100, "{summary}");
+    d.terminate();
+    assert_eq!(d.wait(Duration::from_secs(15)), Some(0));
+    let line = d.wait_for_log("about the backlog", |l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stay in the spool"))
+    });
+    assert_eq!(line["level"], "WARN");
+    drop(d);
+    proxy.proxy.restore();
+    let d = rabbit_daemon(&proxy, spool.path(), &exchange, &queue, "");
+    wait_delivered(&d, "rabbit", Duration::from_secs(30));
+    drop(d);
+    let ids = drain_and_delete(&exchange, &queue);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 100);
+}
