@@ -218,9 +218,10 @@ fn a_full_spool_answers_503_and_recovers() {
 }
 
 /// A permanent refusal (unroutable: no queue bound) does not block the spool: the webhook got
-/// its 200, the event waits in the dead letters with the sink and the reason.
+/// its 200, the event waits in the dead letters with the sink and the reason; `flexbridge dlq`
+/// shows it, and `dlq redrive` delivers it once the route exists.
 #[test]
-fn a_permanent_refusal_lands_in_the_dead_letters() {
+fn a_permanent_refusal_lands_in_the_dead_letters_and_redrive_delivers_it() {
     let exchange = unique("fbe2e.dead.");
     let spool = tempfile::tempdir().unwrap();
     let proxy = Proxy::start(authority(&amqp_url()));
@@ -253,8 +254,50 @@ fn a_permanent_refusal_lands_in_the_dead_letters() {
         assert!(started.elapsed() < Duration::from_secs(5));
         std::thread::sleep(Duration::from_millis(50));
     }
+    let admin = format!("http://{}", d.admin);
+    let (code, out, err) = flexbridge(&["dlq", "list", "--admin", &admin]);
+    assert_eq!(code, Some(0), "{err}");
+    let letters: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(letters.as_array().unwrap().len(), 1, "{letters}");
+    assert_eq!(letters[0]["event_id"], id.as_str());
+    assert_eq!(letters[0]["reason"], "unroutable");
+    let seq = letters[0]["seq"].as_u64().unwrap().to_string();
+    let (code, out, _) = flexbridge(&["dlq", "show", "rabbit", &seq, "--admin", &admin]);
+    assert_eq!(code, Some(0));
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        shown["event"]["data"]["channel_status"], "closed",
+        "{shown}"
+    );
+    let (code, out, _) = flexbridge(&["spool", "status", "--admin", &admin]);
+    assert_eq!(code, Some(0));
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["sinks"][0]["dead_letters"], 1, "{status}");
+    // The route is fixed: a queue is bound. Redrive delivers the event.
+    let queue = unique("fbe2e.deadq.");
+    bind_queue(&exchange, &queue, "#");
+    let (code, out, _) = flexbridge(&["dlq", "redrive", "--sink", "rabbit", "--admin", &admin]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("\"redriven\": 1"), "{out}");
+    let started = Instant::now();
+    loop {
+        let (_, out, _) = flexbridge(&["dlq", "list", "--admin", &admin]);
+        if out.trim() == "[]" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still dead: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, _, _) = flexbridge(&["dlq", "purge", "--sink", "nope", "--admin", &admin]);
+    assert_eq!(code, Some(1), "an unknown sink is an error");
+    let (code, out, _) = flexbridge(&["dlq", "purge", "--admin", &admin]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("\"purged\": 0"), "{out}");
     drop(d);
-    drain_and_delete(&exchange, "");
+    assert_eq!(drain_and_delete(&exchange, &queue), vec![id]);
 }
 
 /// SIGTERM with events waiting for a broker that is down: the daemon exits within its drain

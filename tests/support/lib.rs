@@ -592,3 +592,42 @@ pub fn drain_stream(name: &str) -> Vec<(String, String)> {
         out
     })
 }
+
+/// Declares `queue` (not durable) bound to `exchange` with `key`: the route a test adds later.
+pub fn bind_queue(exchange: &str, queue: &str, key: &str) {
+    runtime().block_on(async {
+        let connection =
+            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+                .await
+                .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                key.into(),
+                lapin::options::QueueBindOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    });
+}
+
+/// Runs `flexbridge` with these arguments; returns (exit code, stdout, stderr).
+pub fn flexbridge(args: &[&str]) -> (Option<i32>, String, String) {
+    let output = Command::new(binary()).args(args).output().unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

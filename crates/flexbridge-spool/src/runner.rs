@@ -5,7 +5,7 @@
 //! to the dead letters and does not block the events behind it. The sink's cursor advances to
 //! the first record not yet finished.
 
-use crate::store::Spool;
+use crate::store::{Spool, SpoolError};
 use flexbridge_core::{normalize, Attestation, Delivery, Verified, WebhookRequest};
 use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
@@ -45,10 +45,11 @@ impl Tracker {
 
 /// The background delivery of every sink.
 pub struct Runner {
-    tasks: JoinSet<()>,
+    tasks: Mutex<JoinSet<()>>,
     stop: watch::Sender<bool>,
     cursors: Vec<Arc<Mutex<Tracker>>>,
     spool: Arc<Spool>,
+    delivery: Arc<Delivery>,
 }
 
 impl Runner {
@@ -88,11 +89,52 @@ impl Runner {
             ));
         }
         Self {
-            tasks,
+            tasks: Mutex::new(tasks),
             stop,
             cursors,
             spool,
+            delivery,
         }
+    }
+
+    /// Delivers the dead letters of `sink` (every sink when `None`) again, once the route is
+    /// fixed: each is dropped when its sink confirms it, and stays with the new reason when
+    /// the sink refuses it again. Returns how many were sent.
+    pub fn redrive(&self, sink: Option<&str>) -> Result<usize, SpoolError> {
+        if let Some(name) = sink {
+            self.spool.index_of(name)?;
+        }
+        let letters = self.spool.dead_letters(sink)?;
+        let count = letters.len();
+        for letter in letters {
+            let index = self.spool.index_of(&letter.sink)?;
+            let (spool, delivery) = (Arc::clone(&self.spool), Arc::clone(&self.delivery));
+            tokio::spawn(async move {
+                let event = WebhookRequest::decode(&letter.record)
+                    .ok()
+                    .and_then(|r| normalize(Verified::attest(r, Attestation::Spooled)).ok());
+                let Some(event) = event else {
+                    return; // unreadable: it stays where it is
+                };
+                match delivery.deliver_to(index, &event).await {
+                    Ok(()) => {
+                        tracing::info!(sink = %letter.sink, event_id = event.id(), "redriven dead letter delivered");
+                        spool.forget(index, letter.seq);
+                    }
+                    Err(failure) => {
+                        tracing::warn!(sink = %letter.sink, event_id = event.id(), reason = failure.error.reason(), error = %failure.error, "redriven dead letter refused again");
+                        spool.dead_letter(
+                            index,
+                            letter.seq,
+                            failure.error.reason(),
+                            &failure.error.to_string(),
+                            Some(letter.record),
+                        );
+                    }
+                }
+            });
+        }
+        Ok(count)
     }
 
     /// True when every sink finished every committed record.
@@ -108,15 +150,21 @@ impl Runner {
 
     /// Keeps delivering for up to `timeout` or until every sink caught up, then stops. What
     /// is left stays in the spool and is delivered after the next start.
-    pub async fn drain(mut self, timeout: Duration) -> bool {
+    pub async fn drain(&self, timeout: Duration) -> bool {
         let started = tokio::time::Instant::now();
         while !self.idle() && started.elapsed() < timeout {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let caught_up = self.idle();
         let _ = self.stop.send(true);
-        self.tasks.abort_all();
-        while self.tasks.join_next().await.is_some() {}
+        let mut tasks = std::mem::take(
+            &mut *self
+                .tasks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
         caught_up
     }
 }
@@ -183,7 +231,7 @@ async fn reader(
                 }
                 Err(message) => {
                     tracing::error!(sink, seq, %message, "spool: a record cannot be read back; moved to the dead letters");
-                    spool.dead_letter(index, seq, "corrupt", &message);
+                    spool.dead_letter(index, seq, "corrupt", &message, None);
                     let cursor = tracker.lock().ok().and_then(|mut t| t.finished(seq));
                     if let Some(cursor) = cursor {
                         spool.progress(index, cursor);
@@ -217,6 +265,7 @@ async fn lane(
                 seq,
                 failure.error.reason(),
                 &failure.error.to_string(),
+                None,
             );
         }
         let cursor = tracker.lock().ok().and_then(|mut t| t.finished(seq));

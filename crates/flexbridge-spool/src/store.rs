@@ -42,6 +42,9 @@ pub enum SpoolError {
     /// The spool was closed.
     #[error("the spool is closed")]
     Closed,
+    /// No configured sink has this name.
+    #[error("no sink is called {0:?}")]
+    UnknownSink(String),
     /// The spool directory could not be prepared.
     #[error("cannot open the spool in {dir}: {message}")]
     Open {
@@ -58,8 +61,11 @@ impl<E: Into<redb::Error>> From<E> for SpoolError {
     }
 }
 
-/// Where an append's sequence number (or its failure) goes.
+/// Where an append's sequence number, or a purge's count (or the failure) goes.
 type Reply = oneshot::Sender<Result<u64, SpoolError>>;
+
+/// A dead letter to write: sink, sequence number, reason, message, record if known.
+type DeadCommand = (usize, u64, String, String, Option<Vec<u8>>);
 
 enum Command {
     Append {
@@ -75,6 +81,18 @@ enum Command {
         seq: u64,
         reason: String,
         message: String,
+        /// The record, when it may have left the events table (a redrive that failed again).
+        record: Option<Vec<u8>>,
+    },
+    /// A dead letter was delivered after a redrive: drop it.
+    Forget {
+        sink: usize,
+        seq: u64,
+    },
+    /// Drop the dead letters of one sink, or all; replies with the count.
+    Purge {
+        sink: Option<usize>,
+        done: Reply,
     },
     Stop,
 }
@@ -419,14 +437,49 @@ impl Spool {
         });
     }
 
-    /// Sink `index` refused record `seq` for good: keep it in the dead letters.
-    pub fn dead_letter(&self, index: usize, seq: u64, reason: &str, message: &str) {
+    /// Sink `index` refused record `seq` for good: keep it in the dead letters. `record` is
+    /// needed when the record may have left the spool (a redriven dead letter).
+    pub fn dead_letter(
+        &self,
+        index: usize,
+        seq: u64,
+        reason: &str,
+        message: &str,
+        record: Option<Vec<u8>>,
+    ) {
         let _ = self.commands.send(Command::DeadLetter {
             sink: index,
             seq,
             reason: reason.to_owned(),
             message: message.to_owned(),
+            record,
         });
+    }
+
+    /// A redriven dead letter was delivered: drop it.
+    pub fn forget(&self, index: usize, seq: u64) {
+        let _ = self.commands.send(Command::Forget { sink: index, seq });
+    }
+
+    /// Drops the dead letters of `sink` (all sinks when `None`); returns how many.
+    pub async fn purge(&self, sink: Option<&str>) -> Result<u64, SpoolError> {
+        let sink = match sink {
+            Some(name) => Some(self.index_of(name)?),
+            None => None,
+        };
+        let (done, result) = oneshot::channel();
+        self.commands
+            .send(Command::Purge { sink, done })
+            .map_err(|_| SpoolError::Closed)?;
+        result.await.unwrap_or(Err(SpoolError::Closed))
+    }
+
+    /// The configuration index of sink `name`.
+    pub fn index_of(&self, name: &str) -> Result<usize, SpoolError> {
+        self.sinks
+            .iter()
+            .position(|s| s == name)
+            .ok_or_else(|| SpoolError::UnknownSink(name.to_owned()))
     }
 
     /// Whether the spool accepts writes: its last commit succeeded and it has room.
@@ -568,6 +621,8 @@ impl Writer {
             }
             let mut appends = Vec::new();
             let mut dead = Vec::new();
+            let mut forget = Vec::new();
+            let mut purges = Vec::new();
             for command in batch {
                 match command {
                     Command::Append { record, done } => appends.push((record, done)),
@@ -581,14 +636,17 @@ impl Writer {
                         seq,
                         reason,
                         message,
-                    } => dead.push((sink, seq, reason, message)),
+                        record,
+                    } => dead.push((sink, seq, reason, message, record)),
+                    Command::Forget { sink, seq } => forget.push((sink, seq)),
+                    Command::Purge { sink, done } => purges.push((sink, done)),
                     Command::Stop => stop = true,
                 }
             }
             let first_seq = self.next_seq;
             let deleted_below = self.deleted_below;
-            match self.commit(&appends, &dead) {
-                Ok(freed) => {
+            match self.commit(&appends, &dead, &forget, &purges) {
+                Ok((freed, purged)) => {
                     self.shared.healthy.store(true, Ordering::Release);
                     let bytes = self.shared.bytes.fetch_sub(freed, Ordering::AcqRel) - freed;
                     if freed > 0 {
@@ -604,6 +662,19 @@ impl Writer {
                         if let Some(gauge) = self.shared.metrics.dead.get(*sink) {
                             gauge.inc();
                         }
+                    }
+                    for (sink, _) in &forget {
+                        if let Some(gauge) = self.shared.metrics.dead.get(*sink) {
+                            gauge.dec();
+                        }
+                    }
+                    for ((sink, done), count) in purges.into_iter().zip(purged) {
+                        for (i, gauge) in self.shared.metrics.dead.iter().enumerate() {
+                            if sink.is_none_or(|s| s == i) {
+                                gauge.set(0);
+                            }
+                        }
+                        let _ = done.send(Ok(count));
                     }
                     let _ = self.committed.send(self.next_seq);
                     for (n, (_, done)) in appends.into_iter().enumerate() {
@@ -623,6 +694,9 @@ impl Writer {
                             .fetch_sub(record.len() as u64, Ordering::AcqRel);
                         let _ = done.send(Err(SpoolError::Storage(error.to_string())));
                     }
+                    for (_, done) in purges {
+                        let _ = done.send(Err(SpoolError::Storage(error.to_string())));
+                    }
                     // Dead letters and progress are sent again by their runners' next
                     // progress; a dead letter lost here is delivered again after a restart.
                 }
@@ -636,14 +710,17 @@ impl Writer {
     fn commit(
         &mut self,
         appends: &[(Vec<u8>, Reply)],
-        dead: &[(usize, u64, String, String)],
-    ) -> Result<u64, SpoolError> {
+        dead: &[DeadCommand],
+        forget: &[(usize, u64)],
+        purges: &[(Option<usize>, Reply)],
+    ) -> Result<(u64, Vec<u64>), SpoolError> {
         let mut tx = self.db.begin_write()?;
-        if appends.is_empty() && dead.is_empty() {
+        if appends.is_empty() && dead.is_empty() && purges.is_empty() {
             // Progress only: losing it in a crash means delivering again, never losing.
             tx.set_durability(Durability::None)?;
         }
         let mut freed = 0;
+        let mut purged = Vec::with_capacity(purges.len());
         {
             let mut events = tx.open_table(EVENTS)?;
             for (record, _) in appends {
@@ -651,17 +728,37 @@ impl Writer {
                 self.next_seq += 1;
             }
             let mut dead_table = tx.open_table(DEAD)?;
-            for (sink, seq, reason, message) in dead {
-                let record = events
-                    .get(*seq)?
-                    .map(|v| v.value().to_vec())
-                    .unwrap_or_default();
+            for (sink, seq, reason, message, record) in dead {
+                let record = match record {
+                    Some(record) => record.clone(),
+                    None => events
+                        .get(*seq)?
+                        .map(|v| v.value().to_vec())
+                        .unwrap_or_default(),
+                };
                 if let Some(name) = self.sinks.get(*sink) {
                     dead_table.insert(
                         (name.as_str(), *seq),
                         encode_dead(reason, message, &record).as_slice(),
                     )?;
                 }
+            }
+            for (sink, seq) in forget {
+                if let Some(name) = self.sinks.get(*sink) {
+                    dead_table.remove((name.as_str(), *seq))?;
+                }
+            }
+            for (sink, _) in purges {
+                let mut count = 0;
+                dead_table.retain(|(name, _), _| {
+                    let matches = match sink {
+                        Some(i) => self.sinks.get(*i).is_some_and(|s| s == name),
+                        None => true,
+                    };
+                    count += u64::from(matches);
+                    !matches
+                })?;
+                purged.push(count);
             }
             let mut cursors = tx.open_table(CURSORS)?;
             for (i, cursor) in self.cursors.iter().enumerate() {
@@ -679,6 +776,6 @@ impl Writer {
             }
         }
         tx.commit()?;
-        Ok(freed)
+        Ok((freed, purged))
     }
 }

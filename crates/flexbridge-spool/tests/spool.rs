@@ -205,8 +205,8 @@ async fn unfinished_records_are_delivered_again_after_a_restart() {
     assert_eq!(got, ids);
     runner.drain(Duration::from_secs(1)).await;
     spool.close();
-    drop(spool); // releases the file lock
-                 // The cursor was saved: a third start delivers nothing again.
+    drop((runner, spool)); // releases the file lock
+                           // The cursor was saved: a third start delivers nothing again.
     let spool = open(dir.path(), 1 << 20);
     assert_eq!(spool.status().unwrap().sinks[0].depth, 0);
     spool.close();
@@ -235,6 +235,60 @@ async fn a_permanent_failure_is_a_dead_letter_and_does_not_block_the_rest() {
     assert_eq!(letters[0].sink, "scripted");
     assert_eq!(WebhookRequest::decode(&letters[0].record).unwrap(), refused);
     assert_eq!(spool.status().unwrap().sinks[0].dead_letters, 1);
+    runner.drain(Duration::from_secs(1)).await;
+    spool.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redriven_dead_letters_are_delivered_once_the_route_exists_and_purge_drops_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path(), 1 << 20);
+    // First the route is missing.
+    let refusing = Arc::new(Scripted {
+        refused: vec!["KD9".to_owned()],
+        ..Scripted::default()
+    });
+    let runner = Runner::start(Arc::clone(&spool), delivery(Arc::clone(&refusing)), 2);
+    for n in 0..3 {
+        spool.append(request("KD9", n).encode()).await.unwrap();
+    }
+    wait_idle(&runner).await;
+    let started = std::time::Instant::now();
+    while spool.dead_letters(None).unwrap().len() < 3 {
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A redrive while the route is still missing keeps them, with the reason.
+    assert_eq!(runner.redrive(Some("scripted")).unwrap(), 3);
+    assert!(runner.redrive(Some("nope")).is_err());
+    // The redriven ones come back with their reason (a redrive task holds the spool till then).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    runner.drain(Duration::from_secs(1)).await;
+    spool.close();
+    drop((runner, spool)); // releases the file lock
+                           // The route exists now (a sink that accepts KD9): redrive delivers and forgets them.
+    let spool = open(dir.path(), 1 << 20);
+    assert_eq!(spool.dead_letters(None).unwrap().len(), 3);
+    let accepting = Arc::new(Scripted::default());
+    let runner = Runner::start(Arc::clone(&spool), delivery(Arc::clone(&accepting)), 2);
+    assert_eq!(runner.redrive(None).unwrap(), 3);
+    let started = std::time::Instant::now();
+    while !spool.dead_letters(None).unwrap().is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(5), "not redriven");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(accepting.confirmed.lock().unwrap().len(), 3);
+    // Purge: dead letters of one sink, then nothing left.
+    spool.dead_letter(0, 99, "unroutable", "x", Some(request("KD1", 1).encode()));
+    let started = std::time::Instant::now();
+    while spool.dead_letters(None).unwrap().is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(spool.purge(Some("scripted")).await.unwrap(), 1);
+    assert!(spool.dead_letters(None).unwrap().is_empty());
+    assert!(spool.purge(Some("nope")).await.is_err());
+    runner.drain(Duration::from_secs(1)).await;
     spool.close();
 }
 

@@ -2,7 +2,8 @@
 
 use bytes::Bytes;
 use flexbridge_core::Delivery;
-use flexbridge_spool::Spool;
+use flexbridge_core::{normalize, Attestation, Verified, WebhookRequest};
+use flexbridge_spool::{DeadLetter, Runner, Spool, SpoolError};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::server::conn::http1;
@@ -10,6 +11,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use prometheus::{Encoder, TextEncoder};
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -27,6 +29,8 @@ pub struct AdminState {
     /// In spool mode, readiness follows the spool accepting writes, not the brokers: a broker
     /// blip must not take every replica out of the Service.
     spool: Option<Arc<Spool>>,
+    /// In spool mode, the background delivery (dead-letter redrive).
+    runner: Option<Arc<Runner>>,
 }
 
 impl AdminState {
@@ -34,8 +38,12 @@ impl AdminState {
     pub fn new(
         registry: prometheus::Registry,
         delivery: Arc<Delivery>,
-        spool: Option<Arc<Spool>>,
+        spooling: Option<(Arc<Spool>, Arc<Runner>)>,
     ) -> Self {
+        let (spool, runner) = match spooling {
+            Some((spool, runner)) => (Some(spool), Some(runner)),
+            None => (None, None),
+        };
         let sinks = delivery
             .sinks()
             .map(|s| (s.name().to_owned(), Some("not checked yet".to_owned())))
@@ -46,6 +54,7 @@ impl AdminState {
             draining: AtomicBool::new(false),
             sinks: RwLock::new(sinks),
             spool,
+            runner,
         }
     }
 
@@ -129,7 +138,7 @@ pub async fn serve(
             _ = finished.wait_for(|f| *f) => return,
         };
         match accepted {
-            Ok((stream, _)) => spawn(stream, &state),
+            Ok((stream, peer)) => spawn(stream, peer, &state),
             Err(error) => {
                 tracing::warn!(%error, "admin listener: accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -138,12 +147,12 @@ pub async fn serve(
     }
 }
 
-fn spawn(stream: tokio::net::TcpStream, state: &Arc<AdminState>) {
+fn spawn(stream: tokio::net::TcpStream, peer: SocketAddr, state: &Arc<AdminState>) {
     let state = Arc::clone(state);
     tokio::spawn(async move {
         let service = service_fn(move |request| {
             let state = Arc::clone(&state);
-            async move { Ok::<_, Infallible>(route(&state, &request)) }
+            async move { Ok::<_, Infallible>(route(&state, &request, peer).await) }
         });
         let _ = http1::Builder::new()
             .serve_connection(TokioIo::new(stream), service)
@@ -151,11 +160,19 @@ fn spawn(stream: tokio::net::TcpStream, state: &Arc<AdminState>) {
     });
 }
 
-fn route<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes>> {
+async fn route<B>(
+    state: &AdminState,
+    request: &Request<B>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    if path == "/spool" || path.starts_with("/dlq") {
+        return spool_route(state, request, peer).await;
+    }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n", "text/plain");
     }
-    match request.uri().path() {
+    match path {
         "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
         "/readyz" => {
             let (ready, body) = state.readiness();
@@ -179,6 +196,109 @@ fn route<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes>> {
             }
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n", "text/plain"),
+    }
+}
+
+/// `sink=NAME` from the query, if any.
+fn sink_param<B>(request: &Request<B>) -> Option<String> {
+    form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "sink")
+        .map(|(_, v)| v.into_owned())
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    text(status, format!("{value:#}\n"), "application/json")
+}
+
+/// A dead letter as the API shows it: with the event's id, type and Interaction SID.
+fn letter_json(letter: &DeadLetter, with_event: bool) -> serde_json::Value {
+    let event = WebhookRequest::decode(&letter.record)
+        .ok()
+        .and_then(|r| normalize(Verified::attest(r, Attestation::Spooled)).ok());
+    let mut value = serde_json::json!({
+        "sink": letter.sink,
+        "seq": letter.seq,
+        "time_ms": letter.time_ms,
+        "reason": letter.reason,
+        "message": letter.message,
+        "event_id": event.as_ref().map(|e| e.id().to_owned()),
+        "ce_type": event.as_ref().map(|e| e.ce_type()),
+        "interaction_sid": event.as_ref().and_then(|e| e.data().interaction_sid().map(str::to_owned)),
+    });
+    if with_event {
+        value["event"] = event
+            .and_then(|e| serde_json::from_slice(e.envelope_json()).ok())
+            .unwrap_or(serde_json::Value::Null);
+    }
+    value
+}
+
+/// `/spool` and `/dlq...`: the spool's state and its dead letters. Changes (redrive, purge)
+/// are POSTs accepted from loopback only: the admin port may be reachable from the cluster.
+async fn spool_route<B>(
+    state: &AdminState,
+    request: &Request<B>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let (Some(spool), Some(runner)) = (&state.spool, &state.runner) else {
+        return json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "not in spool mode (delivery.mode = \"confirm\")"}),
+        );
+    };
+    let error = |status, e: &dyn std::fmt::Display| {
+        json(status, &serde_json::json!({"error": e.to_string()}))
+    };
+    let sink = sink_param(request);
+    let path = request.uri().path();
+    let method = request.method();
+    if method == Method::POST && !peer.ip().is_loopback() {
+        return error(
+            StatusCode::FORBIDDEN,
+            &"changes to the spool are accepted from loopback only",
+        );
+    }
+    match (method, path) {
+        (&Method::GET, "/spool") => match spool.status() {
+            Ok(status) => json(StatusCode::OK, &serde_json::json!(status)),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e),
+        },
+        (&Method::GET, "/dlq") => match spool.dead_letters(sink.as_deref()) {
+            Ok(letters) => json(
+                StatusCode::OK,
+                &serde_json::Value::Array(letters.iter().map(|l| letter_json(l, false)).collect()),
+            ),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e),
+        },
+        (&Method::POST, "/dlq/redrive") => match runner.redrive(sink.as_deref()) {
+            Ok(n) => json(StatusCode::OK, &serde_json::json!({"redriven": n})),
+            Err(e @ SpoolError::UnknownSink(_)) => error(StatusCode::NOT_FOUND, &e),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e),
+        },
+        (&Method::POST, "/dlq/purge") => match spool.purge(sink.as_deref()).await {
+            Ok(n) => json(StatusCode::OK, &serde_json::json!({"purged": n})),
+            Err(e @ SpoolError::UnknownSink(_)) => error(StatusCode::NOT_FOUND, &e),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e),
+        },
+        (&Method::GET, _) => {
+            // /dlq/<sink>/<seq>
+            let mut parts = path.trim_start_matches("/dlq/").splitn(2, '/');
+            let (Some(name), Some(Ok(seq))) = (parts.next(), parts.next().map(str::parse::<u64>))
+            else {
+                return error(StatusCode::NOT_FOUND, &"use /dlq/<sink>/<seq>");
+            };
+            match spool.dead_letters(Some(name)) {
+                Ok(letters) => match letters.iter().find(|l| l.seq == seq) {
+                    Some(letter) => json(StatusCode::OK, &letter_json(letter, true)),
+                    None => error(StatusCode::NOT_FOUND, &"no such dead letter"),
+                },
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e),
+            }
+        }
+        _ => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &"GET /spool, GET /dlq, GET /dlq/<sink>/<seq>, POST /dlq/redrive, POST /dlq/purge",
+        ),
     }
 }
 

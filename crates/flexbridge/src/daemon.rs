@@ -85,11 +85,11 @@ pub async fn start_on(
             let names = delivery.sinks().map(|s| s.name().to_owned()).collect();
             let spool = Spool::open(&config.spool.dir, config.spool.max_bytes, names, &registry)
                 .context("opening the spool")?;
-            let runner = Runner::start(
+            let runner = Arc::new(Runner::start(
                 Arc::clone(&spool),
                 Arc::clone(&delivery),
                 config.spool.lanes,
-            );
+            ));
             tracing::info!(dir = %config.spool.dir.display(), max_bytes = config.spool.max_bytes, "spool mode: webhooks are acknowledged once durable in the spool");
             Some((spool, runner))
         }
@@ -110,7 +110,9 @@ pub async fn start_on(
     let state = Arc::new(AdminState::new(
         registry,
         Arc::clone(&delivery),
-        spooling.as_ref().map(|(spool, _)| Arc::clone(spool)),
+        spooling
+            .as_ref()
+            .map(|(spool, runner)| (Arc::clone(spool), Arc::clone(runner))),
     ));
     state.refresh_health(config.admin.health_timeout).await;
     let (stop, stopped) = watch::channel(false);

@@ -7,6 +7,7 @@ mod demo;
 mod schema_cmd;
 mod simulate_cmd;
 mod sinks;
+mod spool_cmd;
 mod webhooks;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -72,6 +73,20 @@ enum Command {
         api: webhooks::ApiArgs,
         #[command(subcommand)]
         command: webhooks::WebhooksCommand,
+    },
+    /// The running daemon's spool (`delivery.mode = "spool"`).
+    Spool {
+        #[command(flatten)]
+        admin: spool_cmd::AdminArgs,
+        #[command(subcommand)]
+        command: spool_cmd::SpoolCommand,
+    },
+    /// The spool's dead letters: events a sink refused for good.
+    Dlq {
+        #[command(flatten)]
+        admin: spool_cmd::AdminArgs,
+        #[command(subcommand)]
+        command: spool_cmd::DlqCommand,
     },
     /// Act on Flex Interactions.
     Interactions {
@@ -173,6 +188,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(webhooks::run_interactions(api, command).await)
         }
         Command::Schema(args) => schema_cmd::run(args),
+        Command::Spool { admin, command } => spool_cmd::spool(&admin, command),
+        Command::Dlq { admin, command } => spool_cmd::dlq(&admin, command),
     }
 }
 
