@@ -232,3 +232,84 @@ fn schema_command_writes_exactly_the_shipped_schemas() {
         "urn:flexbridge:schema:CloudEvent:1"
     );
 }
+
+/// SIGTERM under keep-alive load: from the moment readiness turns false every answer carries
+/// `Connection: close`, so each client leaves after its current request instead of having an
+/// idle connection closed under a request it is sending. No request is left without an answer,
+/// every client is told to leave, and every 200 is in the file.
+#[test]
+fn sigterm_under_keep_alive_load_cuts_no_request() {
+    use flexbridge_simulate::traffic::Traffic;
+    use flexbridge_simulate::{read_answer, write_request, Encoding, Signer, Target};
+    let mut d = file_daemon("[shutdown]\nreadiness_delay = \"2s\"\n");
+    let target = Target::parse(&d.url(PATH)).unwrap();
+    let addr = d.ingress;
+    let clients: Vec<_> = (0..16u64)
+        .map(|seed| {
+            let target = target.clone();
+            std::thread::spawn(move || {
+                let mut traffic = Traffic::new(
+                    "AC0123456789abcdef0123456789abcdef".into(),
+                    "GO0123456789abcdef0123456789abcdef".into(),
+                    seed,
+                );
+                let mut stream = TcpStream::connect(addr).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(15)))
+                    .unwrap();
+                let signer = Signer::AuthToken(TOKEN.to_owned());
+                let (mut ids, mut buffer) = (Vec::new(), Vec::new());
+                loop {
+                    for params in traffic.lifecycle() {
+                        buffer.clear();
+                        let token = traffic.sid("idem-");
+                        write_request(
+                            &mut buffer,
+                            &target,
+                            Encoding::Form,
+                            &signer,
+                            &params,
+                            &token,
+                        )
+                        .unwrap();
+                        if stream.write_all(&buffer).is_err() {
+                            return (ids, false, true);
+                        }
+                        match read_answer(&mut stream) {
+                            Ok(answer) => {
+                                assert_eq!(answer.status, 200, "{}", answer.text());
+                                let body: serde_json::Value =
+                                    serde_json::from_slice(&answer.body).unwrap();
+                                ids.push(body["id"].as_str().unwrap().to_owned());
+                                if answer.header("connection") == Some("close") {
+                                    return (ids, true, false);
+                                }
+                            }
+                            // Written, never answered: the connection was cut under it.
+                            Err(_) => return (ids, false, true),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    d.terminate();
+    let mut acknowledged = HashSet::new();
+    for client in clients {
+        let (ids, told_to_leave, cut) = client.join().unwrap();
+        assert!(!cut, "a request was left without an answer");
+        assert!(told_to_leave, "the client was never told Connection: close");
+        acknowledged.extend(ids);
+    }
+    assert_eq!(d.wait(Duration::from_secs(30)), Some(0));
+    assert!(acknowledged.len() > 100, "{}", acknowledged.len());
+    let stored: HashSet<String> = read_events(&d.dir.path().join("events.jsonl"))
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        acknowledged.is_subset(&stored),
+        "an acknowledged event is missing"
+    );
+}

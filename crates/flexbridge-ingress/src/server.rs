@@ -22,7 +22,7 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 use std::fmt::Display;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
@@ -152,6 +152,8 @@ pub struct Ingress {
     connections: Arc<AtomicUsize>,
     /// Shedding is logged at most once a second, with the count since the last line.
     shed_log: RateLimited,
+    /// Set when shutdown starts: every answer carries `Connection: close`.
+    draining: AtomicBool,
 }
 
 /// A log line at most once a second, counting what was not logged in between.
@@ -225,8 +227,17 @@ impl Ingress {
             in_flight: AtomicUsize::new(0),
             connections: Arc::new(AtomicUsize::new(0)),
             shed_log: RateLimited::default(),
+            draining: AtomicBool::new(false),
             config,
         })
+    }
+
+    /// Starts the drain: from now on every answer carries `Connection: close`, so a keep-alive
+    /// client leaves after its current request instead of having an idle connection closed
+    /// under a request it is sending. Call it when readiness turns false, before the listener
+    /// closes.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
     }
 
     /// Accepts connections until `shutdown` resolves, then stops accepting and lets in-flight
@@ -325,6 +336,12 @@ impl Ingress {
         };
         if let Ok(value) = HeaderValue::from_str(&request_id) {
             response.headers_mut().insert("x-request-id", value);
+        }
+        if self.draining.load(Ordering::Acquire) {
+            // hyper closes the connection after this answer.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

@@ -144,11 +144,14 @@ pub async fn start_on(
         let stop_requested = async move {
             let _ = signal.wait_for(|stop| *stop).await;
         };
+        let draining_ingress = Arc::clone(&ingress);
         let serving = Arc::clone(&ingress).serve(
             ingress_listener,
-            async {
+            async move {
                 stop_requested.await;
                 state.draining.store(true, Ordering::SeqCst);
+                // Keep-alive clients are told to leave while the load balancer catches up.
+                draining_ingress.begin_drain();
                 tracing::info!("shutting down: readiness is now false");
                 tokio::time::sleep(shutdown.readiness_delay).await;
             },
