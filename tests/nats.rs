@@ -124,3 +124,20 @@ fn a_two_second_cut_in_confirm_mode_costs_no_503() {
         "every acknowledged event is in the stream"
     );
 }
+
+/// Without `I-Twilio-Idempotency-Token`, two deliveries with identical parameters are two
+/// events: two 200s, two distinct ids, two messages (JetStream's duplicate window on the id
+/// must never swallow a distinct event while flexbridge answers 200).
+#[test]
+fn identical_deliveries_without_a_token_are_two_messages() {
+    let (stream, prefix) = (unique("FBE2ENOTOKEN"), unique("fbe2enotoken"));
+    let daemon = daemon_with_stream(&stream, &prefix);
+    wait_ready(&daemon);
+    let params = status_updated("KD000000000000000000000000000000e1", "closed");
+    let first = signed_form(&daemon, PATH, TOKEN, &params).send(daemon.ingress);
+    let second = signed_form(&daemon, PATH, TOKEN, &params).send(daemon.ingress);
+    assert_eq!((first.status, second.status), (200, 200));
+    assert_ne!(first.json()["id"], second.json()["id"]);
+    drop(daemon);
+    assert_eq!(drain_stream(&stream).len(), 2);
+}

@@ -334,3 +334,28 @@ fn sigterm_keeps_the_backlog_on_disk_for_the_next_start() {
     let ids = drain_and_delete(&exchange, &queue);
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 100);
 }
+
+/// Twilio's redelivery of an event accepted moments ago (same idempotency token, so the same
+/// id) gets its 200 again without a second copy, even to a broker that does not deduplicate.
+#[test]
+fn a_twilio_redelivery_is_acknowledged_without_a_second_message() {
+    let (exchange, queue) = (unique("fbe2e.redeliver."), unique("fbe2e.redeliverq."));
+    let spool = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start(authority(&amqp_url()));
+    let d = rabbit_daemon(&proxy, spool.path(), &exchange, &queue, "");
+    wait_ready(&d);
+    let webhook = status_updated("KD000000000000000000000000000000a7", "closed");
+    let mut ids = HashSet::new();
+    for _ in 0..3 {
+        let response = signed_form(&d, PATH, TOKEN, &webhook)
+            .header("I-Twilio-Idempotency-Token", "one-delivery")
+            .send(d.ingress);
+        assert_eq!(response.status, 200, "{}", response.text());
+        ids.insert(response.json()["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids.len(), 1);
+    assert_eq!(d.metric("flexbridge_spool_redeliveries_total"), 2.0);
+    wait_delivered(&d, "rabbit", Duration::from_secs(10));
+    drop(d);
+    assert_eq!(drain_and_delete(&exchange, &queue).len(), 1);
+}

@@ -154,6 +154,8 @@ pub struct Ingress {
     shed_log: RateLimited,
     /// Set when shutdown starts: every answer carries `Connection: close`.
     draining: AtomicBool,
+    /// The last receipt time handed out, in nanoseconds: each request gets a later one.
+    last_receipt: AtomicU64,
 }
 
 /// A log line at most once a second, counting what was not logged in between.
@@ -228,8 +230,31 @@ impl Ingress {
             connections: Arc::new(AtomicUsize::new(0)),
             shed_log: RateLimited::default(),
             draining: AtomicBool::new(false),
+            last_receipt: AtomicU64::new(0),
             config,
         })
+    }
+
+    /// The receipt time of a request: now, but strictly later than any handed out before, so
+    /// that no two requests of this process share one (the event id of a delivery without an
+    /// idempotency token depends on it).
+    fn receipt_time(&self) -> SystemTime {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let mut last = self.last_receipt.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last + 1);
+            match self.last_receipt.compare_exchange_weak(
+                last,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return SystemTime::UNIX_EPOCH + Duration::from_nanos(next),
+                Err(actual) => last = actual,
+            }
+        }
     }
 
     /// Starts the drain: from now on every answer carries `Connection: close`, so a keep-alive
@@ -381,7 +406,7 @@ impl Ingress {
         let request = WebhookRequest {
             params,
             idempotency_token: header("i-twilio-idempotency-token").map(str::to_owned),
-            received_at: SystemTime::now(),
+            received_at: self.receipt_time(),
         };
         let verified = match &self.verifier {
             None => Verified::attest(request, Attestation::VerificationDisabled),

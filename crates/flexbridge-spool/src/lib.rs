@@ -10,6 +10,7 @@
 //! atomic and checksummed, so a torn write after a crash is never read back and nothing
 //! committed is lost; records, per-sink cursors and dead letters change in one transaction.
 
+mod recent;
 pub mod runner;
 mod store;
 
@@ -31,6 +32,13 @@ pub struct SpoolConfig {
     /// Events in flight per sink: the spool delivers in this many lanes, each in order, an
     /// event's lane chosen by its partition key (one interaction's events stay in order).
     pub lanes: usize,
+    /// A delivery whose event id was accepted less than this long ago gets its 200 again
+    /// without a second copy (Twilio's retries carry the same idempotency token, so the same
+    /// id); kept in memory only.
+    #[serde(with = "humantime_serde")]
+    pub redelivery_window: std::time::Duration,
+    /// At most this many recent ids are remembered (the oldest are forgotten first).
+    pub redelivery_entries: usize,
 }
 
 impl Default for SpoolConfig {
@@ -39,6 +47,8 @@ impl Default for SpoolConfig {
             dir: PathBuf::from("/var/lib/flexbridge/spool"),
             max_bytes: 1 << 30,
             lanes: 64,
+            redelivery_window: std::time::Duration::from_secs(600),
+            redelivery_entries: 20_000,
         }
     }
 }

@@ -8,11 +8,12 @@
 //!
 //! A record is deleted once every configured sink's cursor is past it.
 
+use crate::recent::{Recent, Seen};
+use crate::SpoolConfig;
 use async_trait::async_trait;
 use flexbridge_core::{Event, Intake, IntakeError, WebhookRequest};
 use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -100,6 +101,8 @@ enum Command {
 /// The spool: append (group-committed), read for delivery, record progress and dead letters.
 pub struct Spool {
     db: Arc<Database>,
+    recent: Mutex<Recent>,
+    redeliveries: IntCounter,
     commands: mpsc::UnboundedSender<Command>,
     committed: watch::Receiver<u64>,
     shared: Arc<Shared>,
@@ -272,11 +275,11 @@ impl Spool {
     /// Opens (or creates) the spool in `dir` for these sinks (configuration order) and starts
     /// its writer thread. Records a sink had not finished are delivered again.
     pub fn open(
-        dir: &Path,
-        max_bytes: u64,
+        config: &SpoolConfig,
         sinks: Vec<String>,
         registry: &Registry,
     ) -> Result<Arc<Self>, SpoolError> {
+        let (dir, max_bytes) = (config.dir.as_path(), config.max_bytes);
         let open_error = |message: String| SpoolError::Open {
             dir: dir.display().to_string(),
             message,
@@ -322,6 +325,12 @@ impl Spool {
 
         let metrics =
             SpoolMetrics::register(registry, &sinks).map_err(|e| open_error(e.to_string()))?;
+        let redeliveries = IntCounter::new(
+            "flexbridge_spool_redeliveries_total",
+            "Deliveries of an event accepted shortly before, answered 200 without a second copy.",
+        )
+        .and_then(|c| registry.register(Box::new(c.clone())).map(|()| c))
+        .map_err(|e| open_error(e.to_string()))?;
         metrics.bytes.set(bytes as i64);
         let mut replayed = 0;
         for (i, cursor) in start_cursors.iter().enumerate() {
@@ -364,6 +373,11 @@ impl Spool {
             .map_err(|e| open_error(e.to_string()))?;
         Ok(Arc::new(Self {
             db,
+            recent: Mutex::new(Recent::new(
+                config.redelivery_window,
+                config.redelivery_entries,
+            )),
+            redeliveries,
             commands,
             committed,
             shared,
@@ -572,14 +586,45 @@ impl Intake for Spool {
         true
     }
 
-    async fn accept(&self, _event: &Event, record: Option<Vec<u8>>) -> Result<(), IntakeError> {
+    async fn accept(&self, event: &Event, record: Option<Vec<u8>>) -> Result<(), IntakeError> {
         let Some(record) = record else {
             return Err(IntakeError::Spool {
                 reason: "spool_unavailable",
                 message: "no spool record was made for this event".to_owned(),
             });
         };
-        match self.append(record).await {
+        let seen = self
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .check(event.id(), std::time::Instant::now());
+        let first = match seen {
+            Seen::New(first) => first,
+            Seen::Again(mut outcome) => {
+                // The same event was accepted (or is being stored): once it is durable, this
+                // delivery gets its 200 too, without a second copy.
+                let stored = outcome
+                    .wait_for(Option::is_some)
+                    .await
+                    .map(|o| *o == Some(true))
+                    .unwrap_or(false);
+                if stored {
+                    self.redeliveries.inc();
+                    return Ok(());
+                }
+                let (first, _) = watch::channel(None);
+                first
+            }
+        };
+        let result = self.append(record).await;
+        if result.is_err() {
+            self.recent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .forget(event.id());
+        }
+        let _ = first.send(Some(result.is_ok()));
+        match result {
             Ok(_) => Ok(()),
             Err(error @ SpoolError::Full { .. }) => Err(IntakeError::Spool {
                 reason: "spool_full",

@@ -8,7 +8,7 @@ use flexbridge_core::{
     normalize, Attestation, Delivery, DeliveryConfig, Event, Intake, Sink, SinkError, Verified,
     WebhookRequest,
 };
-use flexbridge_spool::{Runner, Spool, SpoolError};
+use flexbridge_spool::{Runner, Spool, SpoolConfig, SpoolError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -84,9 +84,13 @@ fn delivery(sink: Arc<Scripted>) -> Arc<Delivery> {
 }
 
 fn open(dir: &std::path::Path, max_bytes: u64) -> Arc<Spool> {
-    Spool::open(
-        dir,
+    let config = SpoolConfig {
+        dir: dir.to_owned(),
         max_bytes,
+        ..SpoolConfig::default()
+    };
+    Spool::open(
+        &config,
         vec!["scripted".into()],
         &prometheus::Registry::new(),
     )
@@ -322,5 +326,25 @@ async fn a_full_spool_refuses_and_recovers_when_records_leave() {
     }
     spool.append(record).await.unwrap();
     runner.drain(Duration::from_secs(1)).await;
+    spool.close();
+}
+
+/// A redelivery (same event id) within the window gets Ok again without a second copy; after a
+/// failed store the id is forgotten, so a retry is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_is_acknowledged_without_a_second_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path(), 1 << 20);
+    let request = request("KD1", 1);
+    let event = normalize(Verified::attest(request.clone(), Attestation::AuthToken)).unwrap();
+    let intake: &dyn Intake = spool.as_ref();
+    let (a, b) = tokio::join!(
+        intake.accept(&event, Some(request.encode())),
+        intake.accept(&event, Some(request.encode()))
+    );
+    a.unwrap();
+    b.unwrap();
+    intake.accept(&event, Some(request.encode())).await.unwrap();
+    assert_eq!(spool.status().unwrap().sinks[0].depth, 1, "one copy");
     spool.close();
 }

@@ -83,8 +83,8 @@ pub async fn start_on(
         DeliveryMode::Confirm => None,
         DeliveryMode::Spool => {
             let names = delivery.sinks().map(|s| s.name().to_owned()).collect();
-            let spool = Spool::open(&config.spool.dir, config.spool.max_bytes, names, &registry)
-                .context("opening the spool")?;
+            let spool =
+                Spool::open(&config.spool, names, &registry).context("opening the spool")?;
             let runner = Arc::new(Runner::start(
                 Arc::clone(&spool),
                 Arc::clone(&delivery),

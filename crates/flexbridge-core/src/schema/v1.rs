@@ -80,16 +80,25 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
     ),
 ];
 
-/// The event id, deterministic so consumers can deduplicate on it:
+/// The event id, deterministic so consumers can deduplicate on it, and never shared by two
+/// distinct deliveries (a broker's duplicate window must never swallow a distinct event):
 ///
 /// - with `I-Twilio-Idempotency-Token` (the same on Twilio's retries of one delivery):
 ///   `SHA-256("flexbridge.v1\0token\0" AccountSid "\0" token)`;
-/// - without it: `SHA-256("flexbridge.v1\0params\0" P)` where P is every received parameter
-///   (so account and event type included), sorted bytewise by name then value, repeats kept,
-///   each name and value preceded by its byte length as a 4-byte big-endian integer.
+/// - without it: `SHA-256("flexbridge.v1\0params+time\0" P "\0" T)` where P is every received
+///   parameter (so account and event type included), sorted bytewise by name then value,
+///   repeats kept, each name and value preceded by its byte length as a 4-byte big-endian
+///   integer, and T the receipt time in nanoseconds since the epoch, 8 bytes big-endian. The
+///   ingress gives every request a distinct receipt time, so two deliveries with identical
+///   parameters get distinct ids; a redelivery without the token cannot be recognised.
 ///
 /// The id is the first 16 bytes of the digest in lower-case hex (32 characters).
-pub fn event_id(account_sid: &str, token: Option<&str>, params: &[(String, String)]) -> String {
+pub fn event_id(
+    account_sid: &str,
+    token: Option<&str>,
+    params: &[(String, String)],
+    received_at: SystemTime,
+) -> String {
     let mut hash = Sha256::new();
     match token {
         Some(token) => {
@@ -99,7 +108,7 @@ pub fn event_id(account_sid: &str, token: Option<&str>, params: &[(String, Strin
             hash.update(token.as_bytes());
         }
         None => {
-            hash.update(b"flexbridge.v1\0params\0");
+            hash.update(b"flexbridge.v1\0params+time\0");
             let mut sorted: Vec<&(String, String)> = params.iter().collect();
             sorted.sort_unstable();
             for (name, value) in sorted {
@@ -108,6 +117,11 @@ pub fn event_id(account_sid: &str, token: Option<&str>, params: &[(String, Strin
                     hash.update(part.as_bytes());
                 }
             }
+            let nanos = received_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+            hash.update(b"\0");
+            hash.update(nanos.to_be_bytes());
         }
     }
     hex::encode(&hash.finalize()[..16])
@@ -156,7 +170,7 @@ pub fn normalize(request: Verified<WebhookRequest>) -> Result<Event, NormalizeEr
         .ok_or(ModelError::MissingAccountSid);
     // The id is derived from the raw parameters before the model takes them apart.
     let id = match account {
-        Ok(account) => event_id(account, idempotency_token.as_deref(), &params),
+        Ok(account) => event_id(account, idempotency_token.as_deref(), &params, received_at),
         Err(_) => String::new(),
     };
     let data = InteractionEvent::from_params(params)?;
@@ -311,6 +325,34 @@ impl Event {
 mod tests {
     use super::*;
     use crate::event::EventKind;
+
+    #[test]
+    fn without_a_token_the_receipt_time_separates_identical_deliveries() {
+        let params = vec![
+            ("EventType".to_owned(), "onChannelCreated".to_owned()),
+            ("AccountSid".to_owned(), "AC1".to_owned()),
+        ];
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(1_796_000_000_123_456_789);
+        let later = t + std::time::Duration::from_nanos(1);
+        let id = event_id("AC1", None, &params, t);
+        assert_eq!(id, event_id("AC1", None, &params, t), "deterministic");
+        assert_ne!(id, event_id("AC1", None, &params, later));
+        // The rule as documented, computed by hand.
+        let mut hash = Sha256::new();
+        hash.update(b"flexbridge.v1\0params+time\0");
+        for part in ["AccountSid", "AC1", "EventType", "onChannelCreated"] {
+            hash.update((part.len() as u32).to_be_bytes());
+            hash.update(part.as_bytes());
+        }
+        hash.update(b"\0");
+        hash.update(1_796_000_000_123_456_789u64.to_be_bytes());
+        assert_eq!(id, hex::encode(&hash.finalize()[..16]));
+        // With the token, the time does not matter: Twilio's retries share the id.
+        assert_eq!(
+            event_id("AC1", Some("tok"), &params, t),
+            event_id("AC1", Some("tok"), &params, later)
+        );
+    }
 
     #[test]
     fn data_is_the_envelopes_data_member() {
