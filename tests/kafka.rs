@@ -249,3 +249,82 @@ fn broker_down_at_start_then_back() {
     let _ = broker.kill();
     let _ = broker.wait();
 }
+
+/// The distinct `ce_id`s in `topic`, read until `expected` of them arrived (or a minute).
+fn ids_in(brokers: &str, topic: &str, expected: usize) -> std::collections::HashSet<String> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("fbe2e-group"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut ids = std::collections::HashSet::new();
+    let started = Instant::now();
+    while ids.len() < expected && started.elapsed() < Duration::from_secs(60) {
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            let m = m.unwrap();
+            if let Some(id) = m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == "ce_id")
+                    .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+            }) {
+                ids.insert(id);
+            }
+        }
+    }
+    ids
+}
+
+/// Spool mode with Kafka: 30 s without the broker (reset or blackhole) under steady traffic:
+/// every webhook gets 200, and every event is in Kafka after recovery. A tansu of its own sits
+/// behind the proxy (it advertises the proxy, so no connection bypasses it).
+fn spool_rides_out_a_kafka_outage(fault: Fault) {
+    let proxy = Proxy::kafka();
+    let topic = unique("fbe2e-spool-kafka.");
+    create_topics(&proxy.addr(), std::slice::from_ref(&topic));
+    let spool = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&format!(
+        "[twilio]\nauth_tokens = [\"{TOKEN}\"]\n[delivery]\nmode = \"spool\"\n[spool]\ndir = \"{}\"\n\n[[sinks]]\nname = \"kafka\"\ntype = \"kafka\"\nbrokers = \"{}\"\ntopic = \"{topic}\"\nmessage_timeout = \"5s\"\n",
+        spool.path().display(),
+        proxy.addr()
+    ));
+    let summary = traffic_through_fault(
+        &d,
+        PATH,
+        TOKEN,
+        &proxy,
+        (Duration::from_secs(34), 40),
+        (Duration::from_secs(2), Duration::from_secs(30)),
+        fault,
+    );
+    let sent = summary["sent"].as_u64().unwrap();
+    assert!(sent >= 1000, "{summary}");
+    assert_eq!(summary["status"]["200"], sent, "{summary}");
+    let started = Instant::now();
+    while d.metric("flexbridge_spool_depth{sink=\"kafka\"}") > 0.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the spool still holds {} events",
+            d.metric("flexbridge_spool_depth{sink=\"kafka\"}")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(d);
+    let ids = ids_in(&proxy.addr(), &topic, sent as usize);
+    assert_eq!(
+        ids.len() as u64,
+        sent,
+        "every acknowledged event is in Kafka"
+    );
+}
+
+#[test]
+fn spool_mode_acknowledges_everything_through_a_30s_kafka_reset() {
+    spool_rides_out_a_kafka_outage(Fault::Cut);
+}
+
+#[test]
+fn spool_mode_acknowledges_everything_through_a_30s_kafka_blackhole() {
+    spool_rides_out_a_kafka_outage(Fault::Blackhole);
+}

@@ -141,7 +141,7 @@ fn overload_is_shed_with_fast_503s_and_bounded_memory() {
     ));
     wait_ready(&d);
     proxy
-        .proxy
+        .tcp()
         .delay_responses(std::time::Duration::from_millis(300));
     let summary = simulate_with(
         &d.url(PATH),

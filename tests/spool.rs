@@ -137,7 +137,7 @@ fn kill_9_with_the_broker_down_loses_nothing_acknowledged() {
     let proxy = Proxy::start(authority(&amqp_url()));
     let d = rabbit_daemon(&proxy, spool.path(), &exchange, &queue, "");
     wait_ready(&d);
-    proxy.proxy.cut();
+    proxy.tcp().cut();
     let summary = simulate_with(
         &d.url(PATH),
         TOKEN,
@@ -146,7 +146,7 @@ fn kill_9_with_the_broker_down_loses_nothing_acknowledged() {
     assert_eq!(summary["status"]["200"], 300, "{summary}");
     assert!(d.metric("flexbridge_spool_depth{sink=\"rabbit\"}") > 0.0);
     drop(d); // SIGKILL
-    proxy.proxy.restore();
+    proxy.tcp().restore();
     let d = rabbit_daemon(&proxy, spool.path(), &exchange, &queue, "");
     assert!(d.metric("flexbridge_spool_replayed_total") >= 300.0);
     wait_delivered(&d, "rabbit", Duration::from_secs(60));
@@ -171,7 +171,7 @@ fn a_full_spool_answers_503_and_recovers() {
         "max_bytes = 65536\n",
     );
     wait_ready(&d);
-    proxy.proxy.cut();
+    proxy.tcp().cut();
     let summary = simulate_with(
         &d.url(PATH),
         TOKEN,
@@ -202,7 +202,7 @@ fn a_full_spool_answers_503_and_recovers() {
     assert_eq!(refused.status, 503);
     assert!(refused.header("retry-after").is_some());
     assert_eq!(refused.json()["error"], "spool_full");
-    proxy.proxy.restore();
+    proxy.tcp().restore();
     wait_delivered(&d, "rabbit", Duration::from_secs(60));
     wait_ready(&d);
     let again = simulate_with(&d.url(PATH), TOKEN, &["--count", "50"]);
@@ -315,7 +315,7 @@ fn sigterm_keeps_the_backlog_on_disk_for_the_next_start() {
         "[shutdown]\ndrain_timeout = \"1s\"\n",
     );
     wait_ready(&d);
-    proxy.proxy.cut();
+    proxy.tcp().cut();
     let summary = simulate_with(&d.url(PATH), TOKEN, &["--count", "100"]);
     assert_eq!(summary["status"]["200"], 100, "{summary}");
     d.terminate();
@@ -327,7 +327,7 @@ fn sigterm_keeps_the_backlog_on_disk_for_the_next_start() {
     });
     assert_eq!(line["level"], "WARN");
     drop(d);
-    proxy.proxy.restore();
+    proxy.tcp().restore();
     let d = rabbit_daemon(&proxy, spool.path(), &exchange, &queue, "");
     wait_delivered(&d, "rabbit", Duration::from_secs(30));
     drop(d);

@@ -73,9 +73,22 @@ pub fn simulate_with(url: &str, token: &str, args: &[&str]) -> serde_json::Value
 /// The testkit's TCP proxy in front of `upstream` (`host:port`), on a runtime of its own so
 /// that blocking tests can cut and restore it.
 pub struct Proxy {
-    /// The proxy.
-    pub proxy: flexbridge_testkit::TcpProxy,
+    target: ProxyTarget,
     _runtime: tokio::runtime::Runtime,
+}
+
+enum ProxyTarget {
+    Plain(flexbridge_testkit::TcpProxy),
+    /// A Kafka-protocol broker of its own that advertises the proxy.
+    Kafka(flexbridge_testkit::ProxiedBroker),
+}
+
+fn proxy_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 impl Proxy {
@@ -83,21 +96,36 @@ impl Proxy {
     pub fn start(upstream: &str) -> Self {
         use std::net::ToSocketAddrs;
         let upstream = upstream.to_socket_addrs().unwrap().next().unwrap();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = proxy_runtime();
         let proxy = runtime.block_on(flexbridge_testkit::TcpProxy::start(upstream));
         Self {
-            proxy,
+            target: ProxyTarget::Plain(proxy),
             _runtime: runtime,
+        }
+    }
+
+    /// Starts a Kafka-protocol broker (tansu) of its own behind a proxy: every connection
+    /// the client makes goes through the proxy. Stopped when dropped.
+    pub fn kafka() -> Self {
+        let runtime = proxy_runtime();
+        let broker = runtime.block_on(flexbridge_testkit::ProxiedBroker::start());
+        Self {
+            target: ProxyTarget::Kafka(broker),
+            _runtime: runtime,
+        }
+    }
+
+    /// The proxy, to cut, blackhole, delay or restore.
+    pub fn tcp(&self) -> &flexbridge_testkit::TcpProxy {
+        match &self.target {
+            ProxyTarget::Plain(proxy) => proxy,
+            ProxyTarget::Kafka(broker) => &broker.proxy,
         }
     }
 
     /// `host:port` of the proxy.
     pub fn addr(&self) -> String {
-        self.proxy.addr.to_string()
+        self.tcp().addr.to_string()
     }
 }
 
@@ -160,11 +188,11 @@ pub fn traffic_through_fault(
     });
     std::thread::sleep(cut_at);
     match fault {
-        Fault::Cut => proxy.proxy.cut(),
-        Fault::Blackhole => proxy.proxy.blackhole(),
+        Fault::Cut => proxy.tcp().cut(),
+        Fault::Blackhole => proxy.tcp().blackhole(),
     }
     std::thread::sleep(cut_for);
-    proxy.proxy.restore();
+    proxy.tcp().restore();
     traffic.join().unwrap()
 }
 

@@ -310,3 +310,58 @@ pub async fn cut_under_load_and_recover(
     assert!(confirmed.len() >= 80, "{} confirmed", confirmed.len());
     (confirmed, failed)
 }
+
+/// A Kafka-protocol broker (tansu) of its own, in memory, that advertises the proxy in front of it: every connection
+/// the client makes (bootstrap and partition leader) then goes through the proxy, which a
+/// shared broker (advertising its own port) would not allow.
+pub struct ProxiedBroker {
+    child: std::process::Child,
+    /// The proxy every connection goes through.
+    pub proxy: TcpProxy,
+}
+
+impl ProxiedBroker {
+    /// Starts tansu (`FLEXBRIDGE_TANSU`, else `tansu` on the PATH) behind a new proxy.
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let proxy = TcpProxy::start(([127, 0, 0, 1], port).into()).await;
+        let tansu = std::env::var("FLEXBRIDGE_TANSU").unwrap_or_else(|_| "tansu".to_owned());
+        let child = std::process::Command::new(&tansu)
+            .args(["broker", "--listener-url"])
+            .arg(format!("tcp://127.0.0.1:{port}"))
+            .arg("--advertised-listener-url")
+            .arg(format!("tcp://{}", proxy.addr))
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{tansu} must be installed (scripts/kafka.sh install): {e}")
+            });
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "tansu did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { child, proxy }
+    }
+
+    /// The bootstrap address (the proxy).
+    pub fn brokers(&self) -> String {
+        self.proxy.addr.to_string()
+    }
+}
+
+impl Drop for ProxiedBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
