@@ -141,3 +141,139 @@ fn identical_deliveries_without_a_token_are_two_messages() {
     drop(daemon);
     assert_eq!(drain_stream(&stream).len(), 2);
 }
+
+/// A nats-server of the test's own with JetStream on disk, restartable on the same port and
+/// store (the shared server cannot be restarted under the other tests).
+struct OwnServer {
+    child: Option<std::process::Child>,
+    port: u16,
+    store: tempfile::TempDir,
+}
+
+impl OwnServer {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self {
+            child: None,
+            port,
+            store: tempfile::tempdir().unwrap(),
+        };
+        server.up();
+        server
+    }
+
+    fn up(&mut self) {
+        let child = std::process::Command::new("nats-server")
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server must be installed (scripts/services.sh installs it)");
+        self.child = Some(child);
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(10));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// A clean stop, as a rolling restart does it.
+    fn down(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A real broker restart under steady traffic in spool mode: the server stops (JetStream
+/// goes away: connection refused, then "no responders" while it recovers its stream from
+/// disk) and comes back; every webhook gets 200 and every event is in the stream afterwards.
+#[test]
+fn a_real_nats_restart_under_traffic_loses_nothing_in_spool_mode() {
+    real_nats_restart("spool");
+}
+
+/// The same restart in confirm mode: 3 s without the server is within `ack_timeout`, so the
+/// retries ride it out: no 503.
+#[test]
+fn a_real_nats_restart_under_traffic_costs_no_503_in_confirm_mode() {
+    real_nats_restart("confirm");
+}
+
+fn real_nats_restart(mode: &str) {
+    let mut server = OwnServer::start();
+    let url = format!("nats://127.0.0.1:{}", server.port);
+    let spool = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&format!(
+        "[twilio]\nauth_tokens = [\"{TOKEN}\"]\n[delivery]\nmode = \"{mode}\"\n[spool]\ndir = \"{}\"\n\n[[sinks]]\nname = \"jetstream\"\ntype = \"nats\"\nurl = \"{url}\"\nsubject = \"restart.{{account}}.{{event}}\"\n[sinks.stream]\nname = \"RESTART\"\nstorage = \"file\"\nduplicate_window = \"5m\"\n",
+        spool.path().display()
+    ));
+    wait_ready(&d);
+    let target = d.url(PATH);
+    let traffic = std::thread::spawn(move || {
+        simulate_with(
+            &target,
+            TOKEN,
+            &["--duration", "12s", "--rate", "50", "--concurrency", "8"],
+        )
+    });
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    server.down();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    server.up();
+    let summary = traffic.join().unwrap();
+    let sent = summary["sent"].as_u64().unwrap();
+    assert!(sent >= 400, "{summary}");
+    assert_eq!(summary["status"]["200"], sent, "{summary}");
+    let started = std::time::Instant::now();
+    while d.metric("flexbridge_spool_depth{sink=\"jetstream\"}") > 0.0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "still {} in the spool",
+            d.metric("flexbridge_spool_depth{sink=\"jetstream\"}")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(d);
+    let ids: std::collections::HashSet<String> = runtime().block_on(async {
+        let client = async_nats::connect(&url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut stream = js.get_stream("RESTART").await.unwrap();
+        let count = stream.info().await.unwrap().state.messages;
+        let mut ids = std::collections::HashSet::new();
+        for seq in 1..=count {
+            let m = stream.get_raw_message(seq).await.unwrap();
+            ids.insert(m.headers.get("Nats-Msg-Id").unwrap().as_str().to_owned());
+        }
+        ids
+    });
+    assert_eq!(
+        ids.len() as u64,
+        sent,
+        "every acknowledged event is in the stream"
+    );
+}
