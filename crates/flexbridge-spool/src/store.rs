@@ -23,6 +23,9 @@ const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 const DEAD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_letters");
 
+/// redb's cache.
+const SPOOL_CACHE_BYTES: usize = 16 << 20;
+
 /// Most commands folded into one commit.
 const MAX_BATCH: usize = 4096;
 
@@ -285,7 +288,12 @@ impl Spool {
             message,
         };
         std::fs::create_dir_all(dir).map_err(|e| open_error(e.to_string()))?;
-        let db = Database::create(dir.join("spool.redb")).map_err(|e| open_error(e.to_string()))?;
+        // redb caches up to 1 GiB by default; the spool reads what it just wrote, so a small
+        // cache does (the kernel's page cache holds the rest) and memory stays bounded.
+        let db = Database::builder()
+            .set_cache_size(SPOOL_CACHE_BYTES)
+            .create(dir.join("spool.redb"))
+            .map_err(|e| open_error(e.to_string()))?;
         let tx = db.begin_write()?;
         tx.open_table(EVENTS)?;
         tx.open_table(CURSORS)?;
