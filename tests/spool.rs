@@ -392,3 +392,86 @@ fn kill_9_in_the_middle_of_commits_loses_nothing_acknowledged() {
         "{distinct} distinct events arrived, {acknowledged} were acknowledged"
     );
 }
+
+/// A tmpfs of its own, unmounted when dropped (the tests run as root, as CI does).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs needs root");
+        Self { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// The spool's disk fills up (a 2 MiB tmpfs, far below `spool.max_bytes`): webhooks get 503
+/// `spool_unavailable` with Retry-After, an ERROR line and the write-error metric, readiness
+/// turns false, and everything accepted before is delivered once the broker is back.
+#[test]
+fn a_full_disk_answers_503_and_harms_nothing_accepted() {
+    let (exchange, queue) = (unique("fbe2e.disk."), unique("fbe2e.diskq."));
+    let disk = SmallDisk::mount("2m");
+    let proxy = Proxy::start(authority(&amqp_url()));
+    let d = rabbit_daemon(&proxy, disk.dir.path(), &exchange, &queue, "");
+    wait_ready(&d);
+    proxy.tcp().cut();
+    let summary = simulate_with(
+        &d.url(PATH),
+        TOKEN,
+        &["--count", "6000", "--concurrency", "8"],
+    );
+    let ok = summary["status"]["200"].as_u64().unwrap();
+    let failed = summary["status"]["503"].as_u64().unwrap_or(0);
+    assert!(ok > 100 && failed > 0, "{summary}");
+    assert!(d.metric("flexbridge_spool_write_errors_total") >= 1.0);
+    assert_eq!(
+        d.metric("flexbridge_http_rejections_total{reason=\"spool_unavailable\"}"),
+        failed as f64
+    );
+    let line = d.wait_for_log("for the failing disk", |l| {
+        l["level"] == "ERROR"
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("spool commit failed"))
+    });
+    assert!(line["error"].as_str().is_some(), "{line}");
+    let refused = signed_form(
+        &d,
+        PATH,
+        TOKEN,
+        &status_updated("KD000000000000000000000000000000b2", "closed"),
+    )
+    .send(d.ingress);
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(refused.header("retry-after").is_some());
+    assert_eq!(
+        get(d.admin, "/readyz").status,
+        503,
+        "a spool that cannot write is not ready"
+    );
+    proxy.tcp().restore();
+    wait_delivered(&d, "rabbit", Duration::from_secs(60));
+    drop(d);
+    let ids = drain_and_delete(&exchange, &queue);
+    assert_eq!(
+        ids.iter().collect::<HashSet<_>>().len() as u64,
+        ok,
+        "every 200 arrived, no 503 did"
+    );
+    drop(disk);
+}

@@ -93,6 +93,8 @@ enum Command {
         sink: usize,
         seq: u64,
     },
+    /// An empty durable commit: tells whether the disk takes writes again.
+    Probe,
     /// Drop the dead letters of one sink, or all; replies with the count.
     Purge {
         sink: Option<usize>,
@@ -101,9 +103,54 @@ enum Command {
     Stop,
 }
 
+/// The open database, replaced after an I/O error: redb refuses every transaction after one
+/// until it is reopened, and a disk that was full may have room again.
+struct Store {
+    path: std::path::PathBuf,
+    current: std::sync::RwLock<Option<Arc<Database>>>,
+}
+
+impl Store {
+    fn open(path: &std::path::Path) -> Result<Database, redb::DatabaseError> {
+        // redb caches up to 1 GiB by default; the spool reads what it just wrote, so a small
+        // cache does (the kernel's page cache holds the rest) and memory stays bounded.
+        Database::builder()
+            .set_cache_size(SPOOL_CACHE_BYTES)
+            .create(path)
+    }
+
+    /// The database, for one transaction.
+    fn get(&self) -> Result<Arc<Database>, SpoolError> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| SpoolError::Storage("the spool is being reopened".to_owned()))
+    }
+
+    /// Closes the database (once the transactions using it ended) and opens it again.
+    fn reopen(&self) -> Result<(), SpoolError> {
+        let mut slot = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(old) = slot.take() {
+            // Readers hold it only for one short read transaction.
+            let started = std::time::Instant::now();
+            while Arc::strong_count(&old) > 1 && started.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            drop(old);
+        }
+        let db = Self::open(&self.path).map_err(|e| SpoolError::Storage(e.to_string()))?;
+        *slot = Some(Arc::new(db));
+        Ok(())
+    }
+}
+
 /// The spool: append (group-committed), read for delivery, record progress and dead letters.
 pub struct Spool {
-    db: Arc<Database>,
+    db: Arc<Store>,
     recent: Mutex<Recent>,
     redeliveries: IntCounter,
     commands: mpsc::UnboundedSender<Command>,
@@ -288,12 +335,8 @@ impl Spool {
             message,
         };
         std::fs::create_dir_all(dir).map_err(|e| open_error(e.to_string()))?;
-        // redb caches up to 1 GiB by default; the spool reads what it just wrote, so a small
-        // cache does (the kernel's page cache holds the rest) and memory stays bounded.
-        let db = Database::builder()
-            .set_cache_size(SPOOL_CACHE_BYTES)
-            .create(dir.join("spool.redb"))
-            .map_err(|e| open_error(e.to_string()))?;
+        let path = dir.join("spool.redb");
+        let db = Store::open(&path).map_err(|e| open_error(e.to_string()))?;
         let tx = db.begin_write()?;
         tx.open_table(EVENTS)?;
         tx.open_table(CURSORS)?;
@@ -362,7 +405,10 @@ impl Spool {
             healthy: AtomicBool::new(true),
             metrics,
         });
-        let db = Arc::new(db);
+        let db = Arc::new(Store {
+            path,
+            current: std::sync::RwLock::new(Some(Arc::new(db))),
+        });
         let (commands, receiver) = mpsc::unbounded_channel();
         let (committed_tx, committed) = watch::channel(next_seq);
         let writer = Writer {
@@ -441,7 +487,7 @@ impl Spool {
         to: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db.get()?.begin_read()?;
         let events = tx.open_table(EVENTS)?;
         let mut out = Vec::new();
         for entry in events.range(from..to)?.take(limit) {
@@ -507,6 +553,8 @@ impl Spool {
     /// Whether the spool accepts writes: its last commit succeeded and it has room.
     pub fn check(&self) -> Result<(), SpoolError> {
         if !self.shared.healthy.load(Ordering::Acquire) {
+            // Readiness probes drive recovery: without traffic nothing else would write.
+            let _ = self.commands.send(Command::Probe);
             return Err(SpoolError::Storage("the last commit failed".to_owned()));
         }
         let bytes = self.shared.bytes.load(Ordering::Acquire);
@@ -521,7 +569,7 @@ impl Spool {
 
     /// Depth, oldest age and dead letters per sink; updates the gauges.
     pub fn status(&self) -> Result<SpoolStatus, SpoolError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db.get()?.begin_read()?;
         let events = tx.open_table(EVENTS)?;
         let cursors = tx.open_table(CURSORS)?;
         let dead = tx.open_table(DEAD)?;
@@ -559,7 +607,7 @@ impl Spool {
 
     /// The dead letters, of one sink or of all.
     pub fn dead_letters(&self, sink: Option<&str>) -> Result<Vec<DeadLetter>, SpoolError> {
-        let tx = self.db.begin_read()?;
+        let tx = self.db.get()?.begin_read()?;
         let dead = tx.open_table(DEAD)?;
         let mut out = Vec::new();
         for entry in dead.iter()? {
@@ -648,7 +696,7 @@ impl Intake for Spool {
 
 /// The writer thread: folds every queued command into one transaction.
 struct Writer {
-    db: Arc<Database>,
+    db: Arc<Store>,
     shared: Arc<Shared>,
     sinks: Vec<String>,
     cursors: Vec<u64>,
@@ -676,6 +724,7 @@ impl Writer {
             let mut dead = Vec::new();
             let mut forget = Vec::new();
             let mut purges = Vec::new();
+            let mut probe = false;
             for command in batch {
                 match command {
                     Command::Append { record, done } => appends.push((record, done)),
@@ -693,12 +742,13 @@ impl Writer {
                     } => dead.push((sink, seq, reason, message, record)),
                     Command::Forget { sink, seq } => forget.push((sink, seq)),
                     Command::Purge { sink, done } => purges.push((sink, done)),
+                    Command::Probe => probe = true,
                     Command::Stop => stop = true,
                 }
             }
             let first_seq = self.next_seq;
             let deleted_below = self.deleted_below;
-            match self.commit(&appends, &dead, &forget, &purges) {
+            match self.commit(&appends, &dead, &forget, &purges, probe) {
                 Ok((freed, purged)) => {
                     self.shared.healthy.store(true, Ordering::Release);
                     let bytes = self.shared.bytes.fetch_sub(freed, Ordering::AcqRel) - freed;
@@ -752,6 +802,10 @@ impl Writer {
                     }
                     // Dead letters and progress are sent again by their runners' next
                     // progress; a dead letter lost here is delivered again after a restart.
+                    // redb refuses everything after an I/O error until it is reopened.
+                    if let Err(error) = self.db.reopen() {
+                        tracing::error!(%error, "spool: cannot reopen the store; retrying at the next write");
+                    }
                 }
             }
         }
@@ -766,9 +820,10 @@ impl Writer {
         dead: &[DeadCommand],
         forget: &[(usize, u64)],
         purges: &[(Option<usize>, Reply)],
+        probe: bool,
     ) -> Result<(u64, Vec<u64>), SpoolError> {
-        let mut tx = self.db.begin_write()?;
-        if appends.is_empty() && dead.is_empty() && purges.is_empty() {
+        let mut tx = self.db.get()?.begin_write()?;
+        if appends.is_empty() && dead.is_empty() && purges.is_empty() && !probe {
             // Progress only: losing it in a crash means delivering again, never losing.
             tx.set_durability(Durability::None)?;
         }
