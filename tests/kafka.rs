@@ -59,16 +59,23 @@ fn create_topics(brokers: &str, topics: &[String]) {
 }
 
 /// (ce_type, interaction key, channel_status) of every record, per partition in offset order.
-fn read(brokers: &str, topics: &[String], expected: usize) -> Vec<(String, String, String)> {
+/// A consumer of its own group, from the earliest offset, subscribed to `topics`.
+fn consumer(brokers: &str, topics: &[&str]) -> BaseConsumer {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("fbe2e-group"))
         .set("auto.offset.reset", "earliest")
         .create()
         .unwrap();
+    consumer.subscribe(topics).unwrap();
     consumer
-        .subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())
-        .unwrap();
+}
+
+fn read(brokers: &str, topics: &[String], expected: usize) -> Vec<(String, String, String)> {
+    let consumer = consumer(
+        brokers,
+        &topics.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     let mut out = Vec::new();
     let started = Instant::now();
     // Until `expected` records arrived and nothing more came for a second (so an unexpected
@@ -252,13 +259,7 @@ fn broker_down_at_start_then_back() {
 
 /// The distinct `ce_id`s in `topic`, read until `expected` of them arrived (or a minute).
 fn ids_in(brokers: &str, topic: &str, expected: usize) -> std::collections::HashSet<String> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", unique("fbe2e-group"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
+    let consumer = consumer(brokers, &[topic]);
     let mut ids = std::collections::HashSet::new();
     let started = Instant::now();
     while ids.len() < expected && started.elapsed() < Duration::from_secs(60) {
@@ -289,27 +290,7 @@ fn spool_rides_out_a_kafka_outage(fault: Fault) {
         spool.path().display(),
         proxy.addr()
     ));
-    let summary = traffic_through_fault(
-        &d,
-        PATH,
-        TOKEN,
-        &proxy,
-        (Duration::from_secs(34), 40),
-        (Duration::from_secs(2), Duration::from_secs(30)),
-        fault,
-    );
-    let sent = summary["sent"].as_u64().unwrap();
-    assert!(sent >= 1000, "{summary}");
-    assert_eq!(summary["status"]["200"], sent, "{summary}");
-    let started = Instant::now();
-    while d.metric("flexbridge_spool_depth{sink=\"kafka\"}") > 0.0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "the spool still holds {} events",
-            d.metric("flexbridge_spool_depth{sink=\"kafka\"}")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let sent = spool_through_outage(&d, PATH, TOKEN, &proxy, "kafka", fault);
     drop(d);
     let ids = ids_in(&proxy.addr(), &topic, sent as usize);
     assert_eq!(

@@ -659,3 +659,61 @@ pub fn flexbridge(args: &[&str]) -> (Option<i32>, String, String) {
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// Waits until the spool has delivered everything to `sink` (at most `limit`).
+pub fn wait_delivered(daemon: &Daemon, sink: &str, limit: Duration) {
+    let started = Instant::now();
+    let sample = format!("flexbridge_spool_depth{{sink=\"{sink}\"}}");
+    while daemon.metric(&sample) > 0.0 {
+        assert!(
+            started.elapsed() < limit,
+            "the spool still holds {} events for {sink}",
+            daemon.metric(&sample)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Spool mode through an outage: 30 s of `fault` under 40 requests a second; every request
+/// must get 200, and the spool must deliver everything to `sink` afterwards. Returns how many
+/// were acknowledged (the caller counts them in its broker).
+pub fn spool_through_outage(
+    daemon: &Daemon,
+    path: &str,
+    token: &str,
+    proxy: &Proxy,
+    sink: &str,
+    fault: Fault,
+) -> u64 {
+    let summary = traffic_through_fault(
+        daemon,
+        path,
+        token,
+        proxy,
+        (Duration::from_secs(34), 40),
+        (Duration::from_secs(2), Duration::from_secs(30)),
+        fault,
+    );
+    let sent = summary["sent"].as_u64().unwrap();
+    assert!(sent >= 1000, "{summary}");
+    assert_eq!(summary["status"]["200"], sent, "{summary}");
+    wait_delivered(daemon, sink, Duration::from_secs(120));
+    sent
+}
+
+/// Confirm mode through a 2 s cut under 100 requests a second: the retries ride it out, no
+/// request gets a 503. Returns how many were acknowledged.
+pub fn confirm_through_a_short_cut(daemon: &Daemon, path: &str, token: &str, proxy: &Proxy) -> u64 {
+    let summary = traffic_through_cut(
+        daemon,
+        path,
+        token,
+        proxy,
+        (Duration::from_secs(6), 100),
+        (Duration::from_millis(1500), Duration::from_secs(2)),
+    );
+    let sent = summary["sent"].as_u64().unwrap();
+    assert!(sent >= 300, "{summary}");
+    assert_eq!(summary["status"]["200"], sent, "{summary}");
+    sent
+}

@@ -125,11 +125,8 @@ async fn create_topics_on(brokers: &str, names: &[String]) {
 /// Every record of `topics`, as (topic, partition, key, value, headers).
 type Record = (String, i32, String, Vec<u8>, HashMap<String, String>);
 
-fn read_all(topics: &[String], expected: usize) -> Vec<Record> {
-    read_all_from(&brokers(), topics, expected)
-}
-
-fn read_all_from(brokers: &str, topics: &[String], expected: usize) -> Vec<Record> {
+/// A consumer of its own group, from the earliest offset, subscribed to `topics`.
+fn consumer(brokers: &str, topics: &[&str]) -> BaseConsumer {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("fbtest-group"))
@@ -137,8 +134,13 @@ fn read_all_from(brokers: &str, topics: &[String], expected: usize) -> Vec<Recor
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
+    consumer.subscribe(topics).unwrap();
+    consumer
+}
+
+fn read_all(topics: &[String], expected: usize) -> Vec<Record> {
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&names).unwrap();
+    let consumer = consumer(&brokers(), &names);
     let mut out = Vec::new();
     let started = std::time::Instant::now();
     while out.len() < expected && started.elapsed() < Duration::from_secs(30) {
@@ -281,14 +283,7 @@ fn missing_ids(
     topic: &str,
     mut wanted: std::collections::HashSet<String>,
 ) -> std::collections::HashSet<String> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", unique("fbtest-group"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
+    let consumer = consumer(brokers, &[topic]);
     let started = std::time::Instant::now();
     while !wanted.is_empty() && started.elapsed() < Duration::from_secs(30) {
         if let Some(message) = consumer.poll(Duration::from_millis(200)) {

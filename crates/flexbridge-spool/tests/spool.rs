@@ -97,12 +97,17 @@ fn open(dir: &std::path::Path, max_bytes: u64) -> Arc<Spool> {
     .unwrap()
 }
 
-async fn wait_idle(runner: &Runner) {
+/// Waits until `done` holds (at most 10 s).
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     let started = std::time::Instant::now();
-    while !runner.idle() {
-        assert!(started.elapsed() < Duration::from_secs(10), "not delivered");
+    while !done() {
+        assert!(started.elapsed() < Duration::from_secs(10), "{what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+async fn wait_idle(runner: &Runner) {
+    eventually("not delivered", || runner.idle()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,11 +262,10 @@ async fn redriven_dead_letters_are_delivered_once_the_route_exists_and_purge_dro
         spool.append(request("KD9", n).encode()).await.unwrap();
     }
     wait_idle(&runner).await;
-    let started = std::time::Instant::now();
-    while spool.dead_letters(None).unwrap().len() < 3 {
-        assert!(started.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("three dead letters", || {
+        spool.dead_letters(None).unwrap().len() >= 3
+    })
+    .await;
     // A redrive while the route is still missing keeps them, with the reason.
     assert_eq!(runner.redrive(Some("scripted")).unwrap(), 3);
     assert!(runner.redrive(Some("nope")).is_err());
@@ -276,19 +280,17 @@ async fn redriven_dead_letters_are_delivered_once_the_route_exists_and_purge_dro
     let accepting = Arc::new(Scripted::default());
     let runner = Runner::start(Arc::clone(&spool), delivery(Arc::clone(&accepting)), 2);
     assert_eq!(runner.redrive(None).unwrap(), 3);
-    let started = std::time::Instant::now();
-    while !spool.dead_letters(None).unwrap().is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(5), "not redriven");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("not redriven", || {
+        spool.dead_letters(None).unwrap().is_empty()
+    })
+    .await;
     assert_eq!(accepting.confirmed.lock().unwrap().len(), 3);
     // Purge: dead letters of one sink, then nothing left.
     spool.dead_letter(0, 99, "unroutable", "x", Some(request("KD1", 1).encode()));
-    let started = std::time::Instant::now();
-    while spool.dead_letters(None).unwrap().is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("the dead letter", || {
+        !spool.dead_letters(None).unwrap().is_empty()
+    })
+    .await;
     assert_eq!(spool.purge(Some("scripted")).await.unwrap(), 1);
     assert!(spool.dead_letters(None).unwrap().is_empty());
     assert!(spool.purge(Some("nope")).await.is_err());
@@ -319,11 +321,7 @@ async fn a_full_spool_refuses_and_recovers_when_records_leave() {
     let sink = Arc::new(Scripted::default());
     let runner = Runner::start(Arc::clone(&spool), delivery(sink), 2);
     wait_idle(&runner).await;
-    let started = std::time::Instant::now();
-    while spool.check().is_err() {
-        assert!(started.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("room again", || spool.check().is_ok()).await;
     spool.append(record).await.unwrap();
     runner.drain(Duration::from_secs(1)).await;
     spool.close();
