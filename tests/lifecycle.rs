@@ -239,9 +239,21 @@ fn schema_command_writes_exactly_the_shipped_schemas() {
 /// every client is told to leave, and every 200 is in the file.
 #[test]
 fn sigterm_under_keep_alive_load_cuts_no_request() {
+    keep_alive_clients_through_sigterm("");
+}
+
+/// The same in spool mode.
+#[test]
+fn sigterm_under_keep_alive_load_cuts_no_request_in_spool_mode() {
+    keep_alive_clients_through_sigterm(
+        "[delivery]\nmode = \"spool\"\n[spool]\ndir = \"{dir}/spool\"\n",
+    );
+}
+
+fn keep_alive_clients_through_sigterm(mode: &str) {
     use flexbridge_simulate::traffic::Traffic;
     use flexbridge_simulate::{read_answer, write_request, Encoding, Signer, Target};
-    let mut d = file_daemon("[shutdown]\nreadiness_delay = \"2s\"\n");
+    let mut d = file_daemon(&format!("[shutdown]\nreadiness_delay = \"2s\"\n{mode}"));
     let target = Target::parse(&d.url(PATH)).unwrap();
     let addr = d.ingress;
     let clients: Vec<_> = (0..16u64)
