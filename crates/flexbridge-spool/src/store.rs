@@ -23,8 +23,9 @@ const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
 const DEAD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_letters");
 
-/// redb's cache.
-const SPOOL_CACHE_BYTES: usize = 16 << 20;
+/// redb's cache: the spool reads back what it wrote moments ago; 4 MiB measured no slower
+/// than 16 MiB, with less memory.
+const SPOOL_CACHE_BYTES: usize = 4 << 20;
 
 /// Most commands folded into one commit.
 const MAX_BATCH: usize = 4096;
