@@ -14,8 +14,7 @@ pub struct NatsSinkConfig {
     /// Unique sink name, used in metrics and logs.
     pub name: String,
     /// Server URL or list of URLs, e.g. `nats://127.0.0.1:4222` or `tls://nats.example:4222`.
-    #[serde(deserialize_with = "one_or_many", serialize_with = "redacted")]
-    pub url: Vec<String>,
+    pub url: ServerUrls,
     /// Subject template; placeholders are made subject-safe (`.`, `*`, `>`, spaces become `_`).
     #[serde(default = "default_subject")]
     pub subject: String,
@@ -181,21 +180,51 @@ fn default_duplicate_window() -> Duration {
     Duration::from_secs(120)
 }
 
-fn one_or_many<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
+/// NATS server URLs: one (a comma-separated list works too) or a list in the configuration.
+/// A password inside a URL never prints: `Debug` and serialization redact it.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct ServerUrls(pub Vec<String>);
+
+impl From<Vec<String>> for ServerUrls {
+    fn from(urls: Vec<String>) -> Self {
+        Self(urls)
     }
-    Ok(match OneOrMany::deserialize(deserializer)? {
-        OneOrMany::One(url) => url.split(',').map(|u| u.trim().to_owned()).collect(),
-        OneOrMany::Many(urls) => urls,
-    })
 }
 
-fn redacted<S: Serializer>(urls: &[String], serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_seq(urls.iter().map(|u| redact_url(u)))
+impl std::ops::Deref for ServerUrls {
+    type Target = Vec<String>;
+    fn deref(&self) -> &Vec<String> {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ServerUrls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|u| redact_url(u)))
+            .finish()
+    }
+}
+
+impl<'de> Deserialize<'de> for ServerUrls {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(Self(match OneOrMany::deserialize(deserializer)? {
+            OneOrMany::One(url) => url.split(',').map(|u| u.trim().to_owned()).collect(),
+            OneOrMany::Many(urls) => urls,
+        }))
+    }
+}
+
+impl Serialize for ServerUrls {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|u| redact_url(u)))
+    }
 }
 
 impl NatsSinkConfig {

@@ -7,7 +7,7 @@
 
 mod config;
 
-pub use config::{NatsSinkConfig, NatsTls, Retention, Storage, StreamConfig};
+pub use config::{NatsSinkConfig, NatsTls, Retention, ServerUrls, Storage, StreamConfig};
 
 use async_nats::connection::State;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};

@@ -89,7 +89,7 @@ impl Drop for TestStream {
 fn config(url: String, subject: String) -> NatsSinkConfig {
     NatsSinkConfig {
         name: "nats".to_owned(),
-        url: vec![url],
+        url: vec![url].into(),
         subject,
         content_mode: ContentMode::Binary,
         jetstream: true,

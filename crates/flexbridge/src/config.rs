@@ -404,6 +404,45 @@ mod tests {
         );
     }
 
+    /// Every kind of secret a configuration can hold stays out of `Debug` output and out of
+    /// the printed configuration (`check-config`).
+    #[test]
+    fn no_secret_prints_in_debug_or_check_config() {
+        let secrets = [
+            "tok-SECRET-1",
+            "shared-SECRET-2",
+            "natspw-SECRET-3",
+            "natstoken-SECRET-4",
+            "SUAseed-SECRET-5",
+            "rabbitpw-SECRET-6",
+            "kafkapw-SECRET-7",
+            "natsurlpw-SECRET-8",
+        ];
+        let config = from_value(
+            json!({
+                "twilio": {"auth_tokens": [secrets[0]], "shared_keys": {"k": secrets[1]}},
+                "sinks": [
+                    {"type": "nats", "name": "n1", "url": format!("nats://u:{}@h:4222", secrets[7]),
+                     "user": "u", "password": secrets[2]},
+                    {"type": "nats", "name": "n2", "url": "nats://h:4222", "token": secrets[3]},
+                    {"type": "nats", "name": "n3", "url": "nats://h:4222", "nkey_seed": secrets[4]},
+                    {"type": "rabbitmq", "name": "r", "uri": format!("amqp://u:{}@h/%2f", secrets[5])},
+                    {"type": "kafka", "name": "k", "brokers": "h:9092",
+                     "properties": {"sasl.password": secrets[6]}}
+                ]
+            }),
+            None,
+        )
+        .unwrap();
+        let debug = format!("{config:?}");
+        let printed = to_redacted_toml(&config);
+        for secret in secrets {
+            assert!(!debug.contains(secret), "{secret} in Debug: {debug}");
+            assert!(!printed.contains(secret), "{secret} printed: {printed}");
+        }
+        assert!(debug.contains("**REDACTED**"));
+    }
+
     #[test]
     fn redacted_output_hides_secrets_and_round_trips() {
         let config = from_value(
