@@ -252,7 +252,8 @@ pub async fn assert_publishes_pipelined(sink: Arc<dyn Sink>, proxy: &TcpProxy) {
 }
 
 /// The sink contract when the connection is cut under load: three rounds of 40 concurrent
-/// publishes, the proxy cutting every connection during the second. Every failure must be
+/// publishes, the proxy holding answers back 100 ms and cutting every connection during the
+/// second. Every failure must be
 /// retryable, the sink must report unhealthy and then recover by itself within 15 s, and
 /// later publishes must succeed. Returns the ids of the confirmed events (the caller checks
 /// each is in the broker) and the number of failed publishes.
@@ -263,6 +264,11 @@ pub async fn cut_under_load_and_recover(
     let mut confirmed = HashSet::new();
     let mut failed = 0;
     for round in 0..3u32 {
+        if round == 1 {
+            // Acknowledgements held back, so the cut always lands while some are outstanding
+            // (on a loaded machine a fast broker could otherwise confirm them all first).
+            proxy.delay_responses(Duration::from_millis(100));
+        }
         let tasks: Vec<_> = (0..40)
             .map(|n| {
                 let sink = Arc::clone(&sink);
@@ -295,6 +301,7 @@ pub async fn cut_under_load_and_recover(
                 sink.health().await.is_err(),
                 "health must report the lost connection"
             );
+            proxy.delay_responses(Duration::ZERO);
             proxy.restore();
             let started = tokio::time::Instant::now();
             while sink.health().await.is_err() {

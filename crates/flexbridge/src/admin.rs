@@ -233,8 +233,9 @@ fn letter_json(letter: &DeadLetter, with_event: bool) -> serde_json::Value {
     value
 }
 
-/// `/spool` and `/dlq...`: the spool's state and its dead letters. Changes (redrive, purge)
-/// are POSTs accepted from loopback only: the admin port may be reachable from the cluster.
+/// `/spool` and `/dlq...`: the spool's state and its dead letters. Dead letters and changes
+/// (redrive, purge) are served to loopback only: the admin port may be reachable from the
+/// cluster; `/spool` (counts) to anyone who reaches the port.
 async fn spool_route<B>(
     state: &AdminState,
     request: &Request<B>,
@@ -252,10 +253,12 @@ async fn spool_route<B>(
     let sink = sink_param(request);
     let path = request.uri().path();
     let method = request.method();
-    if method == Method::POST && !peer.ip().is_loopback() {
+    // Dead letters hold whole events (SIDs, channel data) and broker errors (host names);
+    // the admin port also serves probes and metrics to the cluster network.
+    if (method == Method::POST || path.starts_with("/dlq")) && !peer.ip().is_loopback() {
         return error(
             StatusCode::FORBIDDEN,
-            &"changes to the spool are accepted from loopback only",
+            &"dead letters and changes to the spool are served to loopback only",
         );
     }
     match (method, path) {

@@ -1,7 +1,7 @@
 //! `flexbridge spool status` and `flexbridge dlq list|show|redrive|purge`: the running daemon's
 //! spool, through its admin listener (the daemon holds the spool's files while it runs).
-//! Changes (redrive, purge) are accepted from loopback only: run them on the daemon's host
-//! (in Kubernetes: `kubectl exec`).
+//! Dead letters and changes (redrive, purge) are served to loopback only: run these on the
+//! daemon's host (in Kubernetes: `kubectl exec`).
 
 use anyhow::{bail, Context as _};
 use std::io::Write as _;
