@@ -2,33 +2,57 @@
 # Load test of the release binary on this machine, driven by `flexbridge simulate` over
 # $CONCURRENCY connections (load generator, broker and daemon share the machine). In one run it
 # measures a bare hyper server (crates/flexbridge-ingress/examples/bare_hyper.rs) as the
-# reference, then flexbridge with each sink in $SINKS, and reports for each: requests per
-# second at full load, latency at full and at half load, flexbridge's own CPU time per
-# confirmed event (user + system, from /proc) and its peak RSS. Absolute figures on a shared
-# 2-core machine are noisy; the ratios to the reference in the same run are not.
-#   DURATION=10s CONCURRENCY=64 SINKS="file nats" scripts/bench.sh
-# Sinks: file, nats (JetStream on $NATS_URL, a bounded in-memory stream), rabbitmq ($AMQP_URL,
-# a durable topic exchange and a bounded queue that drops the oldest), kafka (tansu started by
-# scripts/kafka.sh, one topic of 3 partitions). Prefix a sink with `spool-` (spool-rabbitmq,
-# spool-nats, spool-kafka, spool-file) for delivery.mode = "spool": the webhook is answered
-# once the event is in the spool; CPU is then counted until the spool has delivered everything
-# the run acknowledged, per acknowledged event.
+# reference, then one row per entry of $ROWS, and reports for each: requests per second at full
+# load, latency at full and at half load, flexbridge's own CPU time per event (user + system,
+# from /proc) and its peak RSS. Absolute figures on a shared 2-core machine are noisy; the
+# ratios to the reference in the same run are not.
+#   DURATION=10s ROWS="file ceiling-rabbitmq rabbitmq" scripts/bench.sh
+#   OUT=docs/bench scripts/bench.sh      # refresh the published results and plots
+# Rows:
+#   file, nats, rabbitmq, kafka   confirm mode: the webhook is answered once the sink confirmed.
+#                                 nats: JetStream on $NATS_URL, a bounded stream ($NATS_STORAGE);
+#                                 rabbitmq: $AMQP_URL, a durable topic exchange and a bounded
+#                                 durable queue; kafka: tansu (scripts/kafka.sh), 3 partitions.
+#   ceiling-rabbitmq, ceiling-nats  the broker's own ceiling: a plain client (the sink crates'
+#                                 `*_ceiling` examples) with $CONCURRENCY publishes awaiting their
+#                                 acknowledgement, same message properties, no HTTP.
+#   delay-rabbitmq, delay-nats    confirm mode through the testkit proxy adding $DELAY_MS to
+#                                 every broker-to-client packet (a broker in another zone).
+#   spool-<sink>                  delivery.mode = "spool", broker healthy: answered once durable
+#                                 in the spool; CPU counts until the spool delivered everything.
+#   spooldown-<sink>              spool mode with the broker unreachable: what the spool takes in.
+# Results: a table on stdout, and $OUT/results.json plus plots (scripts/bench_plot.py) in $OUT
+# (default $CARGO_TARGET_DIR/bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 CONCURRENCY=${CONCURRENCY:-64}
-SINKS=${SINKS:-${SINK:-file}}
+ROWS=${ROWS:-${SINKS:-file spool-file rabbitmq ceiling-rabbitmq delay-rabbitmq spool-rabbitmq spooldown-rabbitmq nats ceiling-nats delay-nats spool-nats spooldown-nats kafka spool-kafka spooldown-kafka}}
 NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
+NATS_ADDR=${NATS_ADDR:-127.0.0.1:4222}
+NATS_STORAGE=${NATS_STORAGE:-file}
 AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+AMQP_ADDR=${AMQP_ADDR:-127.0.0.1:5672}
+DELAY_MS=${DELAY_MS:-5}
 TARGET=${CARGO_TARGET_DIR:-target}
+OUT=${OUT:-$TARGET/bench}
+seconds=${DURATION%s}
 
 cargo build --release --locked -p flexbridge >&2
 cargo build --release --locked -p flexbridge-ingress --example bare_hyper >&2
+cargo build --release --locked -p flexbridge-sink-rabbitmq --example rabbitmq_ceiling >&2
+cargo build --release --locked -p flexbridge-sink-nats --example nats_ceiling >&2
+cargo build --release --locked -p flexbridge-testkit --example delay_proxy >&2
 BIN="$TARGET/release/flexbridge"
 BARE="$TARGET/release/examples/bare_hyper"
 work=$(mktemp -d)
 pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+proxy=
+cleanup() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null
+  [ -n "$proxy" ] && kill "$proxy" 2>/dev/null
+  wait 2>/dev/null; rm -rf "$work"
+}
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -37,6 +61,13 @@ ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
 simulate_to() { local port=$1; shift; "$BIN" --log-level error simulate --url "http://127.0.0.1:$port/flex/interactions" \
   --auth-token bench-token --concurrency "$CONCURRENCY" --no-progress --json-summary "$@"; }
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
+start_proxy() { # upstream; sets $proxy (its pid) and $proxy_port. Not in $(...): the pid must reach this shell.
+  "$TARGET/release/examples/delay_proxy" "$1" "$DELAY_MS" > "$work/proxy.port" &
+  proxy=$!
+  for _ in $(seq 1 100); do [ -s "$work/proxy.port" ] && break; sleep 0.05; done
+  proxy_port=$(head -1 "$work/proxy.port")
+  rm -f "$work/proxy.port"
+}
 
 # The reference: bare hyper under the same load.
 port=$(free_port)
@@ -50,10 +81,37 @@ bare_cpu=$(( $(ticks) - before ))
 kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
 results=()
 
-for row_name in $SINKS; do
-  sink=${row_name#spool-}
+for row in $ROWS; do
+  case "$row" in
+    ceiling-rabbitmq)
+      results+=("$row|$("$TARGET/release/examples/rabbitmq_ceiling" --url "$AMQP_URL" --duration "$seconds" --in-flight "$CONCURRENCY")|null|0|0|0")
+      continue ;;
+    ceiling-nats)
+      results+=("$row|$("$TARGET/release/examples/nats_ceiling" --url "$NATS_URL" --duration "$seconds" --in-flight "$CONCURRENCY" --storage "$NATS_STORAGE")|null|0|0|0")
+      continue ;;
+  esac
+  mode=${row%%-*}; sink=${row#*-}
+  [ "$mode" = "$row" ] && mode=confirm
+  amqp_url=$AMQP_URL nats_url=$NATS_URL kafka_brokers=
+  if [ "$sink" = kafka ]; then
+    [ -n "${FLEXBRIDGE_KAFKA_BROKERS:-}" ] || eval "$(scripts/kafka.sh start)"
+    kafka_brokers=$FLEXBRIDGE_KAFKA_BROKERS
+  fi
+  case "$mode" in
+    delay)
+      case "$sink" in
+        rabbitmq) start_proxy "$AMQP_ADDR"; amqp_url="amqp://guest:guest@127.0.0.1:$proxy_port/%2f" ;;
+        nats) start_proxy "$NATS_ADDR"; nats_url="nats://127.0.0.1:$proxy_port" ;;
+        *) echo "delay-$sink: the proxy row exists for rabbitmq and nats" >&2; exit 64 ;;
+      esac ;;
+    spooldown) # nothing listens there
+      dead=$(free_port)
+      amqp_url="amqp://guest:guest@127.0.0.1:$dead/%2f" nats_url="nats://127.0.0.1:$dead" kafka_brokers="127.0.0.1:$dead" ;;
+    confirm|spool) ;;
+    *) echo "unknown row $row" >&2; exit 64 ;;
+  esac
   port=$(free_port); admin=$(free_port)
-  config="$work/$row_name.toml"
+  config="$work/$row.toml"
   cat > "$config" <<TOML
 [ingress]
 listen = "127.0.0.1:$port"
@@ -63,53 +121,90 @@ listen = "127.0.0.1:$admin"
 [twilio]
 auth_tokens = ["bench-token"]
 TOML
-  if [ "$sink" != "$row_name" ]; then
-    printf '[delivery]\nmode = "spool"\n[spool]\ndir = "%s/spool-%s"\n' "$work" "$sink" >> "$config"
+  if [ "$mode" = spool ] || [ "$mode" = spooldown ]; then
+    printf '[delivery]\nmode = "spool"\n[spool]\ndir = "%s/spool-%s"\n' "$work" "$row" >> "$config"
   fi
   case "$sink" in
-    file) printf '[[sinks]]\nname = "file"\ntype = "file"\npath = "%s/events.jsonl"\n' "$work" >> "$config" ;;
-    nats) printf '[[sinks]]\nname = "nats"\ntype = "nats"\nurl = "%s"\nsubject = "flexbridge.bench.{account}.{event}"\n[sinks.stream]\nname = "FLEXBRIDGE_BENCH"\nstorage = "memory"\nmax_messages = 200000\n' "$NATS_URL" >> "$config" ;;
-    rabbitmq) printf '[[sinks]]\nname = "rabbitmq"\ntype = "rabbitmq"\nuri = "%s"\nexchange = "flexbridge.bench"\n[sinks.declare]\n[[sinks.declare.queues]]\nname = "flexbridge.bench"\n[sinks.declare.queues.arguments]\nx-max-length = 200000\n' "$AMQP_URL" >> "$config" ;;
+    file) printf '[[sinks]]\nname = "file"\ntype = "file"\npath = "%s/%s.jsonl"\n' "$work" "$row" >> "$config" ;;
+    nats) printf '[[sinks]]\nname = "nats"\ntype = "nats"\nurl = "%s"\nsubject = "flexbridge.bench.{account}.{event}"\n[sinks.stream]\nname = "FLEXBRIDGE_BENCH"\nstorage = "%s"\nmax_messages = 200000\n' "$nats_url" "$NATS_STORAGE" >> "$config" ;;
+    rabbitmq) printf '[[sinks]]\nname = "rabbitmq"\ntype = "rabbitmq"\nuri = "%s"\nexchange = "flexbridge.bench"\n[sinks.declare]\n[[sinks.declare.queues]]\nname = "flexbridge.bench"\n[sinks.declare.queues.arguments]\nx-max-length = 200000\n' "$amqp_url" >> "$config" ;;
     kafka)
-      [ -n "${FLEXBRIDGE_KAFKA_BROKERS:-}" ] || eval "$(scripts/kafka.sh start)"
-      tansu topic create --broker "tcp://$FLEXBRIDGE_KAFKA_BROKERS" --partitions 3 flexbridge-bench >/dev/null 2>&1 || true
-      printf '[[sinks]]\nname = "kafka"\ntype = "kafka"\nbrokers = "%s"\ntopic = "flexbridge-bench"\n' "$FLEXBRIDGE_KAFKA_BROKERS" >> "$config" ;;
+      [ "$mode" = spooldown ] || tansu topic create --broker "tcp://$kafka_brokers" --partitions 3 flexbridge-bench >/dev/null 2>&1 || true
+      printf '[[sinks]]\nname = "kafka"\ntype = "kafka"\nbrokers = "%s"\ntopic = "flexbridge-bench"\n' "$kafka_brokers" >> "$config" ;;
     *) echo "unknown sink $sink (file, nats, rabbitmq, kafka)" >&2; exit 64 ;;
   esac
-  "$BIN" --log-level warn run --config "$config" &
+  "$BIN" --log-level error run --config "$config" 2>"$work/$row.log" &
   pid=$!
   wait_port "$port"
-  confirmed() { curl -s "http://127.0.0.1:$admin/metrics" | awk '/^flexbridge_sink_publish_duration_seconds_count.*outcome="success"/ {print $2}'; }
-  depth() { curl -s "http://127.0.0.1:$admin/metrics" | awk '/^flexbridge_spool_depth/ {s += $2} END {print s + 0}'; }
-  drained() { for _ in $(seq 1 1200); do [ "$(depth)" = "0" ] && return 0; sleep 0.1; done; return 1; }
+  metric() { curl -s "http://127.0.0.1:$admin/metrics" | awk -v m="$1" '$0 ~ "^"m {s += $2} END {print s + 0}'; }
+  confirmed() { metric 'flexbridge_sink_publish_duration_seconds_count.*outcome="success"'; }
+  acknowledged() { metric 'flexbridge_http_requests_total.*status="200"'; }
+  drained() { for _ in $(seq 1 1200); do [ "$(metric flexbridge_spool_depth)" = "0" ] && return 0; sleep 0.1; done; return 1; }
   simulate_to "$port" --duration 2s >/dev/null # warm-up
-  [ "$sink" = "$row_name" ] || drained
-  events_before=$(confirmed); before=$(ticks)
+  [ "$mode" = spool ] && drained
+  # Events counted: confirmed by the sink, except with the broker down (what the spool took).
+  count() { if [ "$mode" = spooldown ]; then acknowledged; else confirmed; fi; }
+  events_before=$(count); before=$(ticks)
   full=$(simulate_to "$port" --duration "$DURATION")
   # Spool mode: the background delivery of what was acknowledged counts too.
-  [ "$sink" = "$row_name" ] || drained || echo "bench: $row_name did not drain in 120 s" >&2
-  cpu=$(( $(ticks) - before )); events=$(( $(confirmed) - events_before ))
-  [ "$sink" = "$row_name" ] || drained
+  [ "$mode" = spool ] && { drained || echo "bench: $row did not drain in 120 s" >&2; }
+  cpu=$(( $(ticks) - before )); events=$(( $(count) - events_before ))
+  [ "$mode" = spool ] && drained
   half=$(simulate_to "$port" --duration "$DURATION" --rate "$(python3 -c "print(round($(field "$full" rate)/2))")")
   rss=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
-  results+=("$row_name|$full|$half|$cpu|$events|$rss")
+  if [ -n "$proxy" ]; then kill "$proxy"; wait "$proxy" 2>/dev/null || true; proxy=; fi
+  results+=("$row|$full|$half|$cpu|$events|$rss")
 done
 
-python3 - "$bare" "$bare_cpu" "$(getconf CLK_TCK)" "$CONCURRENCY" "${results[@]}" <<'PY'
-import json, sys
-bare, bare_cpu, tck, conc = json.loads(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+mkdir -p "$OUT"
+python3 - "$OUT/results.json" "$bare" "$bare_cpu" "$(getconf CLK_TCK)" "$CONCURRENCY" "$DURATION" "$DELAY_MS" "${results[@]}" <<'PY'
+import json, os, platform, subprocess, sys, time
+out, bare, bare_cpu, tck, conc, duration, delay = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7]
 bare_us = bare_cpu / tck / bare["sent"] * 1e6
+cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown")
+mem_kib = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal"))
 lat = lambda r: f"p50 {r['latency_ms']['p50']:.2f} ms  p99 {r['latency_ms']['p99']:.2f} ms"
+doc = {
+    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    "machine": {"cpus": os.cpu_count(), "cpu": cpu_model, "memory_gib": round(mem_kib / 2**20, 1),
+                "kernel": platform.release(), "note": "load generator, brokers and flexbridge share these cores"},
+    "settings": {"connections": conc, "duration": duration, "proxy_delay_ms": int(delay)},
+    "bare": {"rate": bare["rate"], "p50_ms": bare["latency_ms"]["p50"], "p99_ms": bare["latency_ms"]["p99"], "cpu_us": bare_us},
+    "rows": [],
+}
 print(f"{conc} connections; load generator, brokers and daemon on this machine")
 print(f"bare hyper reference: {bare['rate']:.0f} req/s, {bare_us:.1f} us CPU per request, {lat(bare)}")
-for row in sys.argv[5:]:
-    sink, full, half, cpu, events, rss = row.split("|")
+ceilings = {}
+for row in sys.argv[8:]:
+    name, full, half, cpu, events, rss = row.split("|")
     full, half, cpu, events, rss = json.loads(full), json.loads(half), float(cpu), float(events), float(rss)
-    cpu_us = cpu / tck / events * 1e6 if events else float("nan")
-    print(f"{sink} sink:")
-    print(f"  full load: {full['rate']:.0f} req/s ({full['rate']/bare['rate']:.2f}x bare)  {lat(full)}  status {full['status']}")
+    entry = {"row": name, "rate": full["rate"], "x_bare": full["rate"] / bare["rate"],
+             "p50_ms": full["latency_ms"]["p50"], "p99_ms": full["latency_ms"]["p99"]}
+    if name.startswith("ceiling-"):
+        ceilings[name.split("-", 1)[1]] = full["rate"]
+        print(f"{name} (plain client, no HTTP): {full['rate']:.0f} msg/s  {lat(full)}")
+        doc["rows"].append(entry)
+        continue
+    cpu_us = cpu / tck / events * 1e6 if events else None
+    entry.update({"half_rate": half["rate"], "half_p50_ms": half["latency_ms"]["p50"], "half_p99_ms": half["latency_ms"]["p99"],
+                  "cpu_us": cpu_us, "rss_mib": rss / 1024, "status": full["status"], "events": int(events)})
+    sink = name.split("-", 1)[-1]
+    if name == sink and sink in ceilings:
+        entry["x_ceiling"] = full["rate"] / ceilings[sink]
+    doc["rows"].append(entry)
+    print(f"{name}:")
+    extra = f", {entry['x_ceiling']:.2f}x the broker's ceiling" if "x_ceiling" in entry else ""
+    print(f"  full load: {full['rate']:.0f} req/s ({entry['x_bare']:.2f}x bare{extra})  {lat(full)}  status {full['status']}")
     print(f"  half load: {half['rate']:.0f} req/s  {lat(half)}  status {half['status']}")
-    print(f"  CPU per confirmed event: {cpu_us:.1f} us ({cpu_us/bare_us:.2f}x bare per request)  peak RSS {rss/1024:.1f} MiB")
-    print(f"  confirmed by the sink during the full-load run: {int(events)}, acknowledged: {full['status'].get('200', 0)}")
+    cpu_text = f"{cpu_us:.1f} us ({cpu_us/bare_us:.2f}x bare per request)" if cpu_us else "n/a"
+    print(f"  CPU per event: {cpu_text}  peak RSS {rss/1024:.1f} MiB  events counted: {int(events)}")
+with open(out, "w") as f:
+    json.dump(doc, f, indent=2)
+print(f"results: {out}")
 PY
+if python3 -c 'import matplotlib' 2>/dev/null || pip install -q matplotlib >&2; then
+  python3 scripts/bench_plot.py "$OUT/results.json" "$OUT"
+else
+  echo "bench: matplotlib is not available; no plots" >&2
+fi

@@ -5,6 +5,7 @@
 use crate::delivery::{Delivery, DeliveryError};
 use crate::schema::v1::Event;
 use async_trait::async_trait;
+use std::sync::Arc;
 
 /// Why an event was not accepted: the webhook is answered 503.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +40,9 @@ pub trait Intake: Send + Sync + 'static {
     /// ([`crate::WebhookRequest::encode`]).
     fn wants_record(&self) -> bool;
 
-    /// Returns once the event is safe: confirmed by every sink, or durable in the spool.
-    async fn accept(&self, event: &Event, record: Option<Vec<u8>>) -> Result<(), IntakeError>;
+    /// Returns once the event is safe: confirmed by every sink, or durable in the spool. The
+    /// event is shared so the spool can hand it to its sinks without reading it back.
+    async fn accept(&self, event: Arc<Event>, record: Option<Vec<u8>>) -> Result<(), IntakeError>;
 }
 
 #[async_trait]
@@ -49,7 +51,7 @@ impl Intake for Delivery {
         false
     }
 
-    async fn accept(&self, event: &Event, _record: Option<Vec<u8>>) -> Result<(), IntakeError> {
-        Ok(self.deliver(event).await?)
+    async fn accept(&self, event: Arc<Event>, _record: Option<Vec<u8>>) -> Result<(), IntakeError> {
+        Ok(self.deliver(&event).await?)
     }
 }

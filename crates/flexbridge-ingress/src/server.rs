@@ -443,9 +443,9 @@ impl Ingress {
         // or hyper must copy the buffer to read the next request.
         drop(body);
         let record = self.intake.wants_record().then(|| verified.get().encode());
-        let event = normalize(verified)?;
+        let event = Arc::new(normalize(verified)?);
         self.event_counters[event.kind() as usize].inc();
-        match self.intake.accept(&event, record).await {
+        match self.intake.accept(Arc::clone(&event), record).await {
             Ok(()) => Ok(event.id().to_owned()),
             Err(error) => Err(Rejection::Delivery(Box::new(Undelivered {
                 event_id: event.id().to_owned(),

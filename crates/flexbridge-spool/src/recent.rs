@@ -1,26 +1,57 @@
 //! The ids accepted recently, so a redelivery gets its 200 again without a second copy.
+//!
+//! Kept lean because every event passes here: an id (32 hex digits, as flexbridge makes them)
+//! is held as a `u128`, and the rare redelivery that must wait for the first copy's outcome
+//! waits on one `Notify` shared by all ids instead of a channel per event.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 
-/// What became of an id's first delivery: `None` while it is being stored.
-pub(crate) type Outcome = watch::Receiver<Option<bool>>;
+/// An event id: its 128 bits when it is 32 lowercase hex digits (always, for ids flexbridge
+/// makes).
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Hex(u128),
+    Text(Box<str>),
+}
+
+impl Key {
+    fn of(id: &str) -> Self {
+        let lower_hex = id.len() == 32
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        match u128::from_str_radix(id, 16) {
+            Ok(bits) if lower_hex => Self::Hex(bits),
+            _ => Self::Text(id.into()),
+        }
+    }
+}
+
+/// Where the first delivery of an id stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum State {
+    /// Being stored: a redelivery waits for the outcome.
+    Storing,
+    /// Durable: a redelivery is acknowledged at once.
+    Stored,
+}
 
 /// Recent ids, bounded by age and count.
 pub(crate) struct Recent {
-    ids: HashMap<String, Outcome>,
-    order: VecDeque<(Instant, String)>,
+    ids: HashMap<Key, State>,
+    order: VecDeque<(Instant, Key)>,
     window: Duration,
     capacity: usize,
 }
 
 /// What to do with a delivery.
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Seen {
-    /// First time (in the window): store it, then report with the sender.
-    New(watch::Sender<Option<bool>>),
-    /// Seen before: wait for that delivery's outcome.
-    Again(Outcome),
+    /// First time (in the window): store it, then report with [`Recent::settle`].
+    New,
+    /// Seen before, in this state.
+    Again(State),
 }
 
 impl Recent {
@@ -33,7 +64,7 @@ impl Recent {
         }
     }
 
-    /// Registers `id`, or returns the outcome of its earlier delivery.
+    /// Registers `id` as being stored, or says where its earlier delivery stands.
     pub(crate) fn check(&mut self, id: &str, now: Instant) -> Seen {
         while let Some((at, old)) = self.order.front() {
             if now.duration_since(*at) <= self.window && self.order.len() < self.capacity.max(1) {
@@ -42,18 +73,26 @@ impl Recent {
             self.ids.remove(old);
             self.order.pop_front();
         }
-        if let Some(outcome) = self.ids.get(id) {
-            return Seen::Again(outcome.clone());
+        let key = Key::of(id);
+        if let Some(state) = self.ids.get(&key) {
+            return Seen::Again(*state);
         }
-        let (sender, outcome) = watch::channel(None);
-        self.ids.insert(id.to_owned(), outcome);
-        self.order.push_back((now, id.to_owned()));
-        Seen::New(sender)
+        self.ids.insert(key.clone(), State::Storing);
+        self.order.push_back((now, key));
+        Seen::New
     }
 
-    /// Forgets `id` (its delivery was not stored).
-    pub(crate) fn forget(&mut self, id: &str) {
-        self.ids.remove(id);
+    /// The first delivery of `id` finished: stored, or forgotten (not stored) so that a
+    /// retry is stored.
+    pub(crate) fn settle(&mut self, id: &str, stored: bool) {
+        let key = Key::of(id);
+        if stored {
+            if let Some(state) = self.ids.get_mut(&key) {
+                *state = State::Stored;
+            }
+        } else {
+            self.ids.remove(&key);
+        }
     }
 }
 
@@ -65,16 +104,36 @@ mod tests {
     fn ids_are_remembered_within_the_window_and_the_capacity() {
         let start = Instant::now();
         let mut recent = Recent::new(Duration::from_secs(10), 2);
-        assert!(matches!(recent.check("a", start), Seen::New(_)));
-        assert!(matches!(recent.check("a", start), Seen::Again(_)));
-        assert!(matches!(recent.check("b", start), Seen::New(_)));
+        let a = "0123456789abcdef0123456789abcdef";
+        assert_eq!(recent.check(a, start), Seen::New);
+        assert_eq!(recent.check(a, start), Seen::Again(State::Storing));
+        recent.settle(a, true);
+        assert_eq!(recent.check(a, start), Seen::Again(State::Stored));
+        assert_eq!(recent.check("b", start), Seen::New);
         // A third id pushes the oldest out.
-        assert!(matches!(recent.check("c", start), Seen::New(_)));
-        assert!(matches!(recent.check("a", start), Seen::New(_)));
+        assert_eq!(recent.check("c", start), Seen::New);
+        assert_eq!(recent.check(a, start), Seen::New);
         // Past the window, forgotten.
         let later = start + Duration::from_secs(11);
-        assert!(matches!(recent.check("c", later), Seen::New(_)));
-        recent.forget("c");
-        assert!(matches!(recent.check("c", later), Seen::New(_)));
+        assert_eq!(recent.check("c", later), Seen::New);
+        // Not stored: forgotten, so a retry is stored.
+        recent.settle("c", false);
+        assert_eq!(recent.check("c", later), Seen::New);
+    }
+
+    #[test]
+    fn hex_and_other_ids_are_told_apart() {
+        let now = Instant::now();
+        let mut recent = Recent::new(Duration::from_secs(10), 10);
+        assert_eq!(
+            recent.check("0000000000000000000000000000000a", now),
+            Seen::New
+        );
+        // Same digits, other case or length: other ids.
+        assert_eq!(recent.check("a", now), Seen::New);
+        assert_eq!(
+            recent.check("0000000000000000000000000000000A", now),
+            Seen::New
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! the first record not yet finished.
 
 use crate::store::{Spool, SpoolError};
-use flexbridge_core::{normalize, Attestation, Delivery, Verified, WebhookRequest};
+use flexbridge_core::{normalize, Attestation, Delivery, Event, Verified, WebhookRequest};
 use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
@@ -179,7 +179,7 @@ async fn reader(
     spool: Arc<Spool>,
     index: usize,
     mut next: u64,
-    lanes: Vec<mpsc::Sender<(u64, flexbridge_core::Event)>>,
+    lanes: Vec<mpsc::Sender<(u64, Arc<Event>)>>,
     tracker: Arc<Mutex<Tracker>>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -191,6 +191,20 @@ async fn reader(
             tokio::select! {
                 changed = committed.changed() => if changed.is_err() { return },
                 _ = stop.changed() => return,
+            }
+            continue;
+        }
+        // A reader that keeps up takes the events the ingress normalized, from memory.
+        if let Some(events) = spool.tail(next, upto, READ_BATCH) {
+            for (seq, event) in events {
+                if let Ok(mut t) = tracker.lock() {
+                    t.dispatched(seq);
+                }
+                next = seq + 1;
+                let lane = lane_of(event.partition_key(), lanes.len());
+                if lanes[lane].send((seq, event)).await.is_err() {
+                    return;
+                }
             }
             continue;
         }
@@ -225,7 +239,7 @@ async fn reader(
             match event {
                 Ok(event) => {
                     let lane = lane_of(event.partition_key(), lanes.len());
-                    if lanes[lane].send((seq, event)).await.is_err() {
+                    if lanes[lane].send((seq, Arc::new(event))).await.is_err() {
                         return;
                     }
                 }
@@ -243,7 +257,7 @@ async fn reader(
 }
 
 async fn lane(
-    mut events: mpsc::Receiver<(u64, flexbridge_core::Event)>,
+    mut events: mpsc::Receiver<(u64, Arc<Event>)>,
     spool: Arc<Spool>,
     delivery: Arc<Delivery>,
     index: usize,

@@ -8,13 +8,13 @@
 //!
 //! A record is deleted once every configured sink's cursor is past it.
 
-use crate::recent::{Recent, Seen};
+use crate::recent::{Recent, Seen, State};
 use crate::SpoolConfig;
 use async_trait::async_trait;
 use flexbridge_core::{Event, Intake, IntakeError, WebhookRequest};
 use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -29,6 +29,11 @@ const SPOOL_CACHE_BYTES: usize = 4 << 20;
 
 /// Most commands folded into one commit.
 const MAX_BATCH: usize = 4096;
+
+/// Committed events kept in memory for the sinks' readers: a reader that keeps up takes the
+/// event the ingress normalized instead of reading the record back and normalizing it again.
+/// A reader that falls further behind reads the store.
+const TAIL_EVENTS: usize = 2048;
 
 /// Why the spool refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -69,12 +74,17 @@ impl<E: Into<redb::Error>> From<E> for SpoolError {
 /// Where an append's sequence number, or a purge's count (or the failure) goes.
 type Reply = oneshot::Sender<Result<u64, SpoolError>>;
 
+/// An append waiting for its commit: record, event for the live tail, reply.
+type Append = (Vec<u8>, Option<Arc<Event>>, Reply);
+
 /// A dead letter to write: sink, sequence number, reason, message, record if known.
 type DeadCommand = (usize, u64, String, String, Option<Vec<u8>>);
 
 enum Command {
     Append {
         record: Vec<u8>,
+        /// The normalized event, for the live tail.
+        event: Option<Arc<Event>>,
         done: Reply,
     },
     Progress {
@@ -153,6 +163,9 @@ impl Store {
 pub struct Spool {
     db: Arc<Store>,
     recent: Mutex<Recent>,
+    /// Woken when a first delivery settles, for redeliveries waiting on it.
+    settled: tokio::sync::Notify,
+    redelivery_waiters: AtomicUsize,
     redeliveries: IntCounter,
     commands: mpsc::UnboundedSender<Command>,
     committed: watch::Receiver<u64>,
@@ -170,6 +183,8 @@ struct Shared {
     full: AtomicBool,
     healthy: AtomicBool,
     metrics: SpoolMetrics,
+    /// The most recently committed events, contiguous in sequence (see [`TAIL_EVENTS`]).
+    tail: Mutex<std::collections::VecDeque<(u64, Arc<Event>)>>,
 }
 
 /// The spool's metric families.
@@ -405,6 +420,7 @@ impl Spool {
             full: AtomicBool::new(bytes >= max_bytes),
             healthy: AtomicBool::new(true),
             metrics,
+            tail: Mutex::new(std::collections::VecDeque::with_capacity(TAIL_EVENTS)),
         });
         let db = Arc::new(Store {
             path,
@@ -412,6 +428,20 @@ impl Spool {
         });
         let (commands, receiver) = mpsc::unbounded_channel();
         let (committed_tx, committed) = watch::channel(next_seq);
+        // Waking a task from a foreign thread costs a futex and often an IPI per task: the
+        // writer hands each commit's replies to one task on the runtime, which wakes the
+        // waiting requests locally (one cross-thread wake per commit).
+        let confirmer = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            let (confirm, mut confirmations) = mpsc::unbounded_channel::<Vec<(Reply, u64)>>();
+            runtime.spawn(async move {
+                while let Some(replies) = confirmations.recv().await {
+                    for (done, seq) in replies {
+                        let _ = done.send(Ok(seq));
+                    }
+                }
+            });
+            confirm
+        });
         let writer = Writer {
             db: Arc::clone(&db),
             shared: Arc::clone(&shared),
@@ -421,6 +451,7 @@ impl Spool {
             next_seq,
             deleted_below: first.unwrap_or(next_seq),
             committed: committed_tx,
+            confirmer,
         };
         let handle = std::thread::Builder::new()
             .name("spool-writer".to_owned())
@@ -428,6 +459,8 @@ impl Spool {
             .map_err(|e| open_error(e.to_string()))?;
         Ok(Arc::new(Self {
             db,
+            settled: tokio::sync::Notify::new(),
+            redelivery_waiters: AtomicUsize::new(0),
             recent: Mutex::new(Recent::new(
                 config.redelivery_window,
                 config.redelivery_entries,
@@ -444,6 +477,15 @@ impl Spool {
 
     /// Appends a record; returns its sequence number once it is durable (fsynced).
     pub async fn append(&self, record: Vec<u8>) -> Result<u64, SpoolError> {
+        self.append_event(record, None).await
+    }
+
+    /// Appends a record and keeps its event in the live tail for the sinks' readers.
+    async fn append_event(
+        &self,
+        record: Vec<u8>,
+        event: Option<Arc<Event>>,
+    ) -> Result<u64, SpoolError> {
         let size = record.len() as u64;
         let before = self.shared.bytes.fetch_add(size, Ordering::AcqRel);
         if before + size > self.shared.max_bytes {
@@ -457,7 +499,11 @@ impl Spool {
         let (done, result) = oneshot::channel();
         if self
             .commands
-            .send(Command::Append { record, done })
+            .send(Command::Append {
+                record,
+                event,
+                done,
+            })
             .is_err()
         {
             self.shared.bytes.fetch_sub(size, Ordering::AcqRel);
@@ -496,6 +542,21 @@ impl Spool {
             out.push((key.value(), value.value().to_vec()));
         }
         Ok(out)
+    }
+
+    /// Up to `limit` committed events with `from <= seq < to`, in order, from the live tail;
+    /// `None` when `from` is no longer (or not yet) there: read the store then.
+    pub fn tail(&self, from: u64, to: u64, limit: usize) -> Option<Vec<(u64, Arc<Event>)>> {
+        let tail = self.shared.tail.lock().ok()?;
+        let (first, _) = tail.front()?;
+        let skip = usize::try_from(from.checked_sub(*first)?).ok()?;
+        if skip >= tail.len() {
+            return None;
+        }
+        let count = usize::try_from(to.saturating_sub(from))
+            .unwrap_or(usize::MAX)
+            .min(limit);
+        Some(tail.range(skip..).take(count).cloned().collect())
     }
 
     /// Sink `index` finished every record below `cursor`.
@@ -623,6 +684,39 @@ impl Spool {
         Ok(out)
     }
 
+    /// True when `id` was accepted recently and is durable: this delivery needs no second
+    /// copy. While its first delivery is being stored, waits for the outcome; false when it
+    /// is new (now registered as being stored) or its first delivery was not stored.
+    async fn redelivered(&self, id: &str) -> bool {
+        let recent = || {
+            self.recent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let seen = recent().check(id, std::time::Instant::now());
+        match seen {
+            Seen::New => return false,
+            Seen::Again(State::Stored) => return true,
+            Seen::Again(State::Storing) => {}
+        }
+        self.redelivery_waiters.fetch_add(1, Ordering::AcqRel);
+        let outcome = loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            // Registered before looking, so a settle in between is not missed.
+            notified.as_mut().enable();
+            let seen = recent().check(id, std::time::Instant::now());
+            match seen {
+                Seen::Again(State::Storing) => notified.await,
+                Seen::Again(State::Stored) => break true,
+                // Not stored the first time (or aged out): this delivery stores it.
+                Seen::New => break false,
+            }
+        };
+        self.redelivery_waiters.fetch_sub(1, Ordering::AcqRel);
+        outcome
+    }
+
     /// Stops the writer after everything queued so far is committed.
     pub fn close(&self) {
         let _ = self.commands.send(Command::Stop);
@@ -643,44 +737,25 @@ impl Intake for Spool {
         true
     }
 
-    async fn accept(&self, event: &Event, record: Option<Vec<u8>>) -> Result<(), IntakeError> {
+    async fn accept(&self, event: Arc<Event>, record: Option<Vec<u8>>) -> Result<(), IntakeError> {
         let Some(record) = record else {
             return Err(IntakeError::Spool {
                 reason: "spool_unavailable",
                 message: "no spool record was made for this event".to_owned(),
             });
         };
-        let seen = self
-            .recent
+        if self.redelivered(event.id()).await {
+            self.redeliveries.inc();
+            return Ok(());
+        }
+        let result = self.append_event(record, Some(Arc::clone(&event))).await;
+        self.recent
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .check(event.id(), std::time::Instant::now());
-        let first = match seen {
-            Seen::New(first) => first,
-            Seen::Again(mut outcome) => {
-                // The same event was accepted (or is being stored): once it is durable, this
-                // delivery gets its 200 too, without a second copy.
-                let stored = outcome
-                    .wait_for(Option::is_some)
-                    .await
-                    .map(|o| *o == Some(true))
-                    .unwrap_or(false);
-                if stored {
-                    self.redeliveries.inc();
-                    return Ok(());
-                }
-                let (first, _) = watch::channel(None);
-                first
-            }
-        };
-        let result = self.append(record).await;
-        if result.is_err() {
-            self.recent
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .forget(event.id());
+            .settle(event.id(), result.is_ok());
+        if self.redelivery_waiters.load(Ordering::Acquire) > 0 {
+            self.settled.notify_waiters();
         }
-        let _ = first.send(Some(result.is_ok()));
         match result {
             Ok(_) => Ok(()),
             Err(error @ SpoolError::Full { .. }) => Err(IntakeError::Spool {
@@ -705,6 +780,8 @@ struct Writer {
     next_seq: u64,
     deleted_below: u64,
     committed: watch::Sender<u64>,
+    /// Where a commit's replies go to be sent from the runtime; `None`: sent from here.
+    confirmer: Option<mpsc::UnboundedSender<Vec<(Reply, u64)>>>,
 }
 
 impl Writer {
@@ -728,7 +805,11 @@ impl Writer {
             let mut probe = false;
             for command in batch {
                 match command {
-                    Command::Append { record, done } => appends.push((record, done)),
+                    Command::Append {
+                        record,
+                        event,
+                        done,
+                    } => appends.push((record, event, done)),
                     Command::Progress { sink, cursor } => {
                         if let Some(c) = self.cursors.get_mut(sink) {
                             *c = (*c).max(cursor);
@@ -780,9 +861,26 @@ impl Writer {
                         }
                         let _ = done.send(Ok(count));
                     }
+                    self.extend_tail(first_seq, &appends);
                     let _ = self.committed.send(self.next_seq);
-                    for (n, (_, done)) in appends.into_iter().enumerate() {
-                        let _ = done.send(Ok(first_seq + n as u64));
+                    let replies: Vec<(Reply, u64)> = appends
+                        .into_iter()
+                        .enumerate()
+                        .map(|(n, (_, _, done))| (done, first_seq + n as u64))
+                        .collect();
+                    match &self.confirmer {
+                        Some(confirmer) if !replies.is_empty() => {
+                            if let Err(unsent) = confirmer.send(replies) {
+                                for (done, seq) in unsent.0 {
+                                    let _ = done.send(Ok(seq));
+                                }
+                            }
+                        }
+                        _ => {
+                            for (done, seq) in replies {
+                                let _ = done.send(Ok(seq));
+                            }
+                        }
                     }
                 }
                 Err(error) => {
@@ -792,7 +890,7 @@ impl Writer {
                     self.shared.healthy.store(false, Ordering::Release);
                     self.shared.metrics.write_errors.inc();
                     tracing::error!(%error, records = appends.len(), "spool commit failed: the webhooks in it are answered 503");
-                    for (record, done) in appends {
+                    for (record, _, done) in appends {
                         self.shared
                             .bytes
                             .fetch_sub(record.len() as u64, Ordering::AcqRel);
@@ -812,12 +910,35 @@ impl Writer {
         }
     }
 
+    /// Puts the events of a commit that started at `first_seq` in the live tail; an append
+    /// without its event breaks the sequence, so the tail restarts after it.
+    fn extend_tail(&self, first_seq: u64, appends: &[Append]) {
+        if appends.is_empty() {
+            return;
+        }
+        let Ok(mut tail) = self.shared.tail.lock() else {
+            return;
+        };
+        if tail.back().is_some_and(|(seq, _)| seq + 1 != first_seq) {
+            tail.clear();
+        }
+        for (n, (_, event, _)) in appends.iter().enumerate() {
+            match event {
+                Some(event) => tail.push_back((first_seq + n as u64, Arc::clone(event))),
+                None => tail.clear(),
+            }
+        }
+        while tail.len() > TAIL_EVENTS {
+            tail.pop_front();
+        }
+    }
+
     /// One transaction: appends, dead letters, cursors, and the deletion of records every
     /// sink is past. Durable (fsynced) when it holds appends or dead letters. Returns the
     /// bytes freed.
     fn commit(
         &mut self,
-        appends: &[(Vec<u8>, Reply)],
+        appends: &[Append],
         dead: &[DeadCommand],
         forget: &[(usize, u64)],
         purges: &[(Option<usize>, Reply)],
@@ -832,7 +953,7 @@ impl Writer {
         let mut purged = Vec::with_capacity(purges.len());
         {
             let mut events = tx.open_table(EVENTS)?;
-            for (record, _) in appends {
+            for (record, _, _) in appends {
                 events.insert(self.next_seq, record.as_slice())?;
                 self.next_seq += 1;
             }

@@ -1,0 +1,169 @@
+//! The broker's own ceiling, for the bench to show beside flexbridge's RabbitMQ figure: a plain
+//! lapin client with `--in-flight` publishes awaiting their confirm, each persistent and
+//! mandatory to a durable topic exchange bound to a durable queue, with the properties and
+//! headers the sink sends and a payload of the sink's size. No HTTP, no event model.
+//! Prints one JSON line: `{"rate", "sent", "latency_ms": {"p50", "p99"}}`.
+//!   cargo run --release -p flexbridge-sink-rabbitmq --example rabbitmq_ceiling -- --duration 10
+#![allow(clippy::expect_used)] // a measurement tool: a broken set-up should stop it loudly
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+struct Args {
+    /// The broker.
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    url: String,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Publishes awaiting their confirm at any time.
+    #[arg(long, default_value_t = 64)]
+    in_flight: usize,
+    /// Payload bytes (the sink's binary-mode payload is about this size).
+    #[arg(long, default_value_t = 420)]
+    size: usize,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let connection = Connection::connect(&args.url, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm_select");
+    let name = format!("flexbridge.ceiling.{}", std::process::id());
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            name.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange");
+    let mut arguments = FieldTable::default();
+    // Bounded like the bench's queue, so a long run does not fill the broker's disk.
+    arguments.insert("x-max-length".into(), AMQPValue::LongInt(200_000));
+    channel
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .expect("queue");
+    channel
+        .queue_bind(
+            name.as_str().into(),
+            name.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+
+    let payload = vec![b'x'; args.size];
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..args.in_flight {
+        let (channel, exchange, payload) = (channel.clone(), name.clone(), payload.clone());
+        workers.push(tokio::spawn(async move {
+            let mut latency =
+                Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                n += 1;
+                let sent = Instant::now();
+                let mut headers = FieldTable::default();
+                for header in [
+                    "cloudEvents_specversion",
+                    "cloudEvents_source",
+                    "cloudEvents_subject",
+                    "cloudEvents_time",
+                    "cloudEvents_dataschema",
+                    "cloudEvents_flexaccountsid",
+                ] {
+                    headers.insert(
+                        header.into(),
+                        AMQPValue::LongString(LongString::from(
+                            "AC6cc6c0214ebb8cff8474535aaa544929",
+                        )),
+                    );
+                }
+                let properties = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_message_id(format!("{worker}-{n}").into())
+                    .with_timestamp(1)
+                    .with_app_id("flexbridge".into())
+                    .with_type("com.twilio.flex.interactions.channel.status-updated.v1".into())
+                    .with_content_type("application/json".into())
+                    .with_headers(headers);
+                let confirm = channel
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        "ceiling.channel".into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &payload,
+                        properties,
+                    )
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("confirm");
+                assert!(
+                    matches!(confirm, Confirmation::Ack(None)),
+                    "not acknowledged: {confirm:?}"
+                );
+                latency.saturating_record(sent.elapsed().as_micros().max(1) as u64);
+            }
+            latency
+        }));
+    }
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
+    for worker in workers {
+        latency.add(worker.await.expect("worker")).expect("merge");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let _ = channel
+        .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = channel
+        .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "done".into()).await;
+    println!(
+        "{}",
+        serde_json::json!({
+            "rate": latency.len() as f64 / elapsed,
+            "sent": latency.len(),
+            "latency_ms": {
+                "p50": latency.value_at_quantile(0.5) as f64 / 1000.0,
+                "p99": latency.value_at_quantile(0.99) as f64 / 1000.0,
+            },
+        })
+    );
+}

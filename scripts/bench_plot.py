@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Plots of a bench run (scripts/bench.sh): throughput per row beside the bare reference and
+the brokers' own ceilings, latency percentiles at full and half load, CPU per event against
+the targets.  Usage: bench_plot.py results.json OUTDIR"""
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+results, out = json.load(open(sys.argv[1])), sys.argv[2]
+rows = results["rows"]
+bare = results["bare"]
+subtitle = (f"{results['machine']['cpus']} cores, {results['settings']['connections']} connections, "
+            f"load generator + brokers + flexbridge on one machine, {results['date'][:10]}")
+
+
+def color(name):
+    if name.startswith("ceiling-"):
+        return "#999999"
+    if name.startswith("spooldown-"):
+        return "#8c564b"
+    if name.startswith("spool-"):
+        return "#2ca02c"
+    if name.startswith("delay-"):
+        return "#ff7f0e"
+    return "#1f77b4"
+
+
+def save(fig, name):
+    fig.tight_layout()
+    fig.savefig(f"{out}/{name}", dpi=110)
+    plt.close(fig)
+
+
+names = [r["row"] for r in rows]
+fig, ax = plt.subplots(figsize=(11, 5))
+ax.bar(names, [r["rate"] / 1000 for r in rows], color=[color(n) for n in names])
+ax.axhline(bare["rate"] / 1000, color="black", linestyle="--", linewidth=1, label=f"bare hyper {bare['rate']/1000:.0f}k")
+for n, r in zip(names, rows):
+    ax.text(n, r["rate"] / 1000, f"{r['rate']/1000:.1f}k", ha="center", va="bottom", fontsize=8)
+ax.set_ylabel("thousand requests (messages) per second")
+ax.set_title("Throughput at full load\nblue: confirm mode, orange: +%d ms broker latency, green: spool mode, "
+             "brown: spool with the broker down, grey: plain client, no HTTP\n%s"
+             % (results["settings"]["proxy_delay_ms"], subtitle), fontsize=9)
+ax.legend()
+plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
+save(fig, "throughput.png")
+
+measured = [r for r in rows if "half_p99_ms" in r]
+fig, ax = plt.subplots(figsize=(11, 5))
+x = range(len(measured))
+width = 0.2
+for i, (key, label) in enumerate([("half_p50_ms", "p50, half load"), ("half_p99_ms", "p99, half load"),
+                                  ("p50_ms", "p50, full load"), ("p99_ms", "p99, full load")]):
+    ax.bar([j + (i - 1.5) * width for j in x], [r[key] for r in measured], width, label=label)
+ax.axhline(5, color="red", linestyle=":", linewidth=1, label="target: p99 <= 5 ms at half load")
+ax.set_yscale("log")
+ax.set_xticks(list(x))
+ax.set_xticklabels([r["row"] for r in measured], rotation=35, ha="right")
+ax.set_ylabel("milliseconds (log scale)")
+ax.set_title("Webhook latency as the load generator sees it\n" + subtitle, fontsize=9)
+ax.legend(fontsize=8)
+save(fig, "latency.png")
+
+with_cpu = [r for r in measured if r.get("cpu_us")]
+fig, ax = plt.subplots(figsize=(11, 5))
+ax.bar([r["row"] for r in with_cpu], [r["cpu_us"] for r in with_cpu], color=[color(r["row"]) for r in with_cpu])
+ax.axhline(bare["cpu_us"], color="black", linestyle="--", linewidth=1, label=f"bare hyper {bare['cpu_us']:.1f} us")
+ax.axhline(16, color="red", linestyle=":", linewidth=1, label="target: file sink 16 us")
+ax.axhline(20, color="purple", linestyle=":", linewidth=1, label="target: brokers 20 us")
+for r in with_cpu:
+    ax.text(r["row"], r["cpu_us"], f"{r['cpu_us']:.1f}", ha="center", va="bottom", fontsize=8)
+ax.set_ylabel("flexbridge CPU microseconds per event (user + system)")
+ax.set_title("flexbridge's own CPU per event at full load (spool rows include the background delivery)\n" + subtitle, fontsize=9)
+ax.legend(fontsize=8)
+plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
+save(fig, "cpu.png")
+print(f"plots: {out}/throughput.png {out}/latency.png {out}/cpu.png")
