@@ -39,10 +39,8 @@ OUT=${OUT:-$TARGET/bench}
 seconds=${DURATION%s}
 
 cargo build --release --locked -p flexbridge >&2
-cargo build --release --locked -p flexbridge-ingress --example bare_hyper >&2
-cargo build --release --locked -p flexbridge-sink-rabbitmq --example rabbitmq_ceiling >&2
-cargo build --release --locked -p flexbridge-sink-nats --example nats_ceiling >&2
-cargo build --release --locked -p flexbridge-testkit --example delay_proxy >&2
+cargo build --release --locked -p flexbridge-ingress -p flexbridge-sink-rabbitmq -p flexbridge-sink-nats \
+  -p flexbridge-testkit --example bare_hyper --example rabbitmq_ceiling --example nats_ceiling --example delay_proxy >&2
 BIN="$TARGET/release/flexbridge"
 BARE="$TARGET/release/examples/bare_hyper"
 work=$(mktemp -d)
@@ -133,6 +131,15 @@ TOML
       printf '[[sinks]]\nname = "kafka"\ntype = "kafka"\nbrokers = "%s"\ntopic = "flexbridge-bench"\n' "$kafka_brokers" >> "$config" ;;
     *) echo "unknown sink $sink (file, nats, rabbitmq, kafka)" >&2; exit 64 ;;
   esac
+  # Every broker row starts with an empty queue or stream, as the ceilings do: a full bounded
+  # queue drops its head on each publish, which costs the broker more per message.
+  empty() {
+    case "$sink" in
+      rabbitmq) "$TARGET/release/examples/rabbitmq_ceiling" --url "$AMQP_URL" --delete flexbridge.bench ;;
+      nats) "$TARGET/release/examples/nats_ceiling" --url "$NATS_URL" --delete FLEXBRIDGE_BENCH ;;
+    esac
+  }
+  empty
   "$BIN" --log-level error run --config "$config" 2>"$work/$row.log" &
   pid=$!
   wait_port "$port"
@@ -154,6 +161,7 @@ TOML
   rss=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
   if [ -n "$proxy" ]; then kill "$proxy"; wait "$proxy" 2>/dev/null || true; proxy=; fi
+  empty
   results+=("$row|$full|$half|$cpu|$events|$rss")
 done
 
@@ -175,14 +183,15 @@ doc = {
 }
 print(f"{conc} connections; load generator, brokers and daemon on this machine")
 print(f"bare hyper reference: {bare['rate']:.0f} req/s, {bare_us:.1f} us CPU per request, {lat(bare)}")
-ceilings = {}
+# Ceilings first, so every broker row is shown as a ratio of its broker's, in any row order.
+ceilings = {r.split("|")[0].split("-", 1)[1]: json.loads(r.split("|")[1])["rate"]
+            for r in sys.argv[8:] if r.startswith("ceiling-")}
 for row in sys.argv[8:]:
     name, full, half, cpu, events, rss = row.split("|")
     full, half, cpu, events, rss = json.loads(full), json.loads(half), float(cpu), float(events), float(rss)
     entry = {"row": name, "rate": full["rate"], "x_bare": full["rate"] / bare["rate"],
              "p50_ms": full["latency_ms"]["p50"], "p99_ms": full["latency_ms"]["p99"]}
     if name.startswith("ceiling-"):
-        ceilings[name.split("-", 1)[1]] = full["rate"]
         print(f"{name} (plain client, no HTTP): {full['rate']:.0f} msg/s  {lat(full)}")
         doc["rows"].append(entry)
         continue

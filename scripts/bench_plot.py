@@ -3,6 +3,7 @@
 the brokers' own ceilings, latency percentiles at full and half load, CPU per event against
 the targets.  Usage: bench_plot.py results.json OUTDIR"""
 import json
+import os
 import sys
 
 import matplotlib
@@ -11,7 +12,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 results, out = json.load(open(sys.argv[1])), sys.argv[2]
+os.makedirs(out, exist_ok=True)
 rows = results["rows"]
+# Each confirm-mode broker row as a ratio of its broker's ceiling, wherever the ceiling row is.
+ceilings = {r["row"].split("-", 1)[1]: r["rate"] for r in rows if r["row"].startswith("ceiling-")}
+for r in rows:
+    if r["row"] in ceilings:
+        r["x_ceiling"] = r["rate"] / ceilings[r["row"]]
 bare = results["bare"]
 subtitle = (f"{results['machine']['cpus']} cores, {results['settings']['connections']} connections, "
             f"load generator + brokers + flexbridge on one machine, {results['date'][:10]}")
@@ -79,3 +86,19 @@ ax.legend(fontsize=8)
 plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
 save(fig, "cpu.png")
 print(f"plots: {out}/throughput.png {out}/latency.png {out}/cpu.png")
+
+# The table docs/bench/README.md embeds.
+lines = ["| row | req/s | × bare | × ceiling | p50 / p99 ms (full) | p50 / p99 ms (half) | CPU µs/event | peak RSS MiB |",
+         "|---|---|---|---|---|---|---|---|",
+         f"| bare hyper | {bare['rate']:,.0f} | 1.00 | | {bare['p50_ms']:.1f} / {bare['p99_ms']:.1f} | | {bare['cpu_us']:.1f} | |"]
+for r in rows:
+    if r["row"].startswith("ceiling-"):
+        lines.append(f"| {r['row']} (plain client) | {r['rate']:,.0f} | {r['x_bare']:.2f} | 1.00 | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | | | |")
+        continue
+    ceiling = f"{r['x_ceiling']:.2f}" if "x_ceiling" in r else ""
+    cpu = f"{r['cpu_us']:.1f}" if r.get("cpu_us") else ""
+    lines.append(f"| {r['row']} | {r['rate']:,.0f} | {r['x_bare']:.2f} | {ceiling} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | "
+                 f"{r['half_p50_ms']:.1f} / {r['half_p99_ms']:.1f} | {cpu} | {r['rss_mib']:.0f} |")
+with open(f"{out}/table.md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+print(f"table: {out}/table.md")

@@ -24,11 +24,15 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     in_flight: usize,
     /// Payload bytes (the sink's binary-mode payload is about this size).
-    #[arg(long, default_value_t = 420)]
+    #[arg(long, default_value_t = 370)]
     size: usize,
     /// Stream storage: file or memory.
     #[arg(long, default_value = "file")]
     storage: String,
+    /// Instead of measuring: delete this stream (the bench starts and ends each JetStream row
+    /// with an empty stream, as the ceiling has).
+    #[arg(long)]
+    delete: Option<String>,
 }
 
 #[tokio::main]
@@ -36,6 +40,10 @@ async fn main() {
     let args = Args::parse();
     let client = async_nats::connect(&args.url).await.expect("connect");
     let js = jetstream::new(client.clone());
+    if let Some(name) = &args.delete {
+        let _ = js.delete_stream(name).await;
+        return;
+    }
     let name = format!("FLEXBRIDGE_CEILING_{}", std::process::id());
     let subject = format!("flexbridge.ceiling.{}", std::process::id());
     js.create_stream(stream::Config {

@@ -28,8 +28,12 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     in_flight: usize,
     /// Payload bytes (the sink's binary-mode payload is about this size).
-    #[arg(long, default_value_t = 420)]
+    #[arg(long, default_value_t = 370)]
     size: usize,
+    /// Instead of measuring: delete this queue and the exchange of the same name (the bench
+    /// starts and ends each RabbitMQ row with an empty queue, as the ceiling has).
+    #[arg(long)]
+    delete: Option<String>,
 }
 
 #[tokio::main]
@@ -39,6 +43,16 @@ async fn main() {
         .await
         .expect("connect");
     let channel = connection.create_channel().await.expect("channel");
+    if let Some(name) = &args.delete {
+        let _ = channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = channel
+            .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+        let _ = connection.close(200, "done".into()).await;
+        return;
+    }
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
