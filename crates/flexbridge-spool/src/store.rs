@@ -700,7 +700,8 @@ impl Spool {
             Seen::Again(State::Storing) => {}
         }
         self.redelivery_waiters.fetch_add(1, Ordering::AcqRel);
-        let outcome = loop {
+        let _waiting = Count(&self.redelivery_waiters);
+        loop {
             let notified = self.settled.notified();
             tokio::pin!(notified);
             // Registered before looking, so a settle in between is not missed.
@@ -708,13 +709,11 @@ impl Spool {
             let seen = recent().check(id, std::time::Instant::now());
             match seen {
                 Seen::Again(State::Storing) => notified.await,
-                Seen::Again(State::Stored) => break true,
+                Seen::Again(State::Stored) => return true,
                 // Not stored the first time (or aged out): this delivery stores it.
-                Seen::New => break false,
+                Seen::New => return false,
             }
-        };
-        self.redelivery_waiters.fetch_sub(1, Ordering::AcqRel);
-        outcome
+        }
     }
 
     /// Stops the writer after everything queued so far is committed.
@@ -748,14 +747,16 @@ impl Intake for Spool {
             self.redeliveries.inc();
             return Ok(());
         }
+        // Settles the id even when this future is dropped mid-append (the client went away):
+        // a redelivery waiting on it must not wait forever.
+        let mut settle = Settle {
+            spool: self,
+            id: event.id(),
+            stored: false,
+        };
         let result = self.append_event(record, Some(Arc::clone(&event))).await;
-        self.recent
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .settle(event.id(), result.is_ok());
-        if self.redelivery_waiters.load(Ordering::Acquire) > 0 {
-            self.settled.notify_waiters();
-        }
+        settle.stored = result.is_ok();
+        drop(settle);
         match result {
             Ok(_) => Ok(()),
             Err(error @ SpoolError::Full { .. }) => Err(IntakeError::Spool {
@@ -767,6 +768,37 @@ impl Intake for Spool {
                 message: error.to_string(),
             }),
         }
+    }
+}
+
+/// Records how the first delivery of an id ended, and wakes redeliveries waiting on it. On
+/// drop, so that an append abandoned by its request counts as not stored (a retry stores the
+/// event again: at-least-once, never a wait without end).
+struct Settle<'a> {
+    spool: &'a Spool,
+    id: &'a str,
+    stored: bool,
+}
+
+impl Drop for Settle<'_> {
+    fn drop(&mut self) {
+        self.spool
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .settle(self.id, self.stored);
+        if self.spool.redelivery_waiters.load(Ordering::Acquire) > 0 {
+            self.spool.settled.notify_waiters();
+        }
+    }
+}
+
+/// Decrements a counter when dropped.
+struct Count<'a>(&'a AtomicUsize);
+
+impl Drop for Count<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

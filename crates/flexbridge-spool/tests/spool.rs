@@ -415,3 +415,35 @@ async fn the_live_tail_holds_committed_events_in_sequence() {
     assert_eq!(delivered, ids);
     spool.close();
 }
+
+/// A first delivery abandoned mid-append (its client went away and hyper dropped the request)
+/// must not leave a redelivery of the same id waiting for ever: it counts as not stored, and
+/// the redelivery stores the event (at-least-once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_does_not_wait_for_an_abandoned_first_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path(), 1 << 20);
+    let request = request("KD1", 7);
+    let event =
+        Arc::new(normalize(Verified::attest(request.clone(), Attestation::AuthToken)).unwrap());
+    let intake: &dyn Intake = spool.as_ref();
+    // Polled once (it registers the id and queues the append), then dropped.
+    let abandoned = tokio::time::timeout(
+        Duration::ZERO,
+        intake.accept(Arc::clone(&event), Some(request.encode())),
+    )
+    .await;
+    assert!(
+        abandoned.is_err(),
+        "the first delivery was still waiting for its commit"
+    );
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        intake.accept(Arc::clone(&event), Some(request.encode())),
+    )
+    .await
+    .expect("the redelivery was answered")
+    .unwrap();
+    assert!(spool.status().unwrap().sinks[0].depth >= 1);
+    spool.close();
+}
