@@ -44,13 +44,7 @@ async fn main() {
         .expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     if let Some(name) = &args.delete {
-        let _ = channel
-            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-            .await;
-        let _ = channel
-            .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
-        let _ = connection.close(200, "done".into()).await;
+        delete(&connection, &channel, name).await;
         return;
     }
     channel
@@ -162,13 +156,7 @@ async fn main() {
         latency.add(worker.await.expect("worker")).expect("merge");
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let _ = channel
-        .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-        .await;
-    let _ = channel
-        .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
-        .await;
-    let _ = connection.close(200, "done".into()).await;
+    delete(&connection, &channel, &name).await;
     println!(
         "{}",
         serde_json::json!({
@@ -180,4 +168,15 @@ async fn main() {
             },
         })
     );
+}
+
+/// Deletes the queue and the exchange named `name`, then closes the connection.
+async fn delete(connection: &Connection, channel: &lapin::Channel, name: &str) {
+    let _ = channel
+        .queue_delete(name.into(), QueueDeleteOptions::default())
+        .await;
+    let _ = channel
+        .exchange_delete(name.into(), ExchangeDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "done".into()).await;
 }

@@ -66,11 +66,12 @@ fn request(interaction: &str, n: u32) -> WebhookRequest {
     }
 }
 
+fn event_of(request: &WebhookRequest) -> Arc<Event> {
+    Arc::new(normalize(Verified::attest(request.clone(), Attestation::AuthToken)).unwrap())
+}
+
 fn id_of(request: &WebhookRequest) -> String {
-    normalize(Verified::attest(request.clone(), Attestation::AuthToken))
-        .unwrap()
-        .id()
-        .to_owned()
+    event_of(request).id().to_owned()
 }
 
 fn delivery(sink: Arc<Scripted>) -> Arc<Delivery> {
@@ -310,8 +311,7 @@ async fn a_full_spool_refuses_and_recovers_when_records_leave() {
     assert!(matches!(err, SpoolError::Full { .. }), "{err}");
     assert!(spool.check().is_err());
     let intake: &dyn Intake = spool.as_ref();
-    let event =
-        Arc::new(normalize(Verified::attest(request("KD1", 0), Attestation::AuthToken)).unwrap());
+    let event = event_of(&request("KD1", 0));
     let refused = intake
         .accept(Arc::clone(&event), Some(record.clone()))
         .await
@@ -334,8 +334,7 @@ async fn a_redelivery_is_acknowledged_without_a_second_copy() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path(), 1 << 20);
     let request = request("KD1", 1);
-    let event =
-        Arc::new(normalize(Verified::attest(request.clone(), Attestation::AuthToken)).unwrap());
+    let event = event_of(&request);
     let intake: &dyn Intake = spool.as_ref();
     let (a, b) = tokio::join!(
         intake.accept(Arc::clone(&event), Some(request.encode())),
@@ -363,8 +362,7 @@ async fn the_live_tail_holds_committed_events_in_sequence() {
     let mut ids = Vec::new();
     for n in 0..3 {
         let request = request("KD1", n);
-        let event =
-            Arc::new(normalize(Verified::attest(request.clone(), Attestation::AuthToken)).unwrap());
+        let event = event_of(&request);
         ids.push(event.id().to_owned());
         intake.accept(event, Some(request.encode())).await.unwrap();
     }
@@ -387,8 +385,7 @@ async fn the_live_tail_holds_committed_events_in_sequence() {
     ids.push(id_of(&bare));
     spool.append(bare.encode()).await.unwrap();
     let request = request("KD2", 1);
-    let event =
-        Arc::new(normalize(Verified::attest(request.clone(), Attestation::AuthToken)).unwrap());
+    let event = event_of(&request);
     ids.push(event.id().to_owned());
     intake.accept(event, Some(request.encode())).await.unwrap();
     assert!(spool.tail(0, 5, 10).is_none(), "seq 0 left the tail");
@@ -424,8 +421,7 @@ async fn a_redelivery_does_not_wait_for_an_abandoned_first_delivery() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path(), 1 << 20);
     let request = request("KD1", 7);
-    let event =
-        Arc::new(normalize(Verified::attest(request.clone(), Attestation::AuthToken)).unwrap());
+    let event = event_of(&request);
     let intake: &dyn Intake = spool.as_ref();
     // Polled once (it registers the id and queues the append), then dropped.
     let abandoned = tokio::time::timeout(
