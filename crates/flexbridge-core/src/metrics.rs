@@ -10,10 +10,18 @@ pub use prometheus::{IntCounter as Counter, IntGauge as Gauge};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// Buckets for publish and request latency, in seconds: fine below 10 ms where fsync and broker
-/// confirms live, coarse up to the acknowledgement timeout.
+/// Buckets for publish and webhook latency, in seconds: fine below 10 ms where fsync and
+/// broker confirms live, then up to and past Twilio's 15 s request timeout, so a publish that
+/// hits the acknowledgement timeout (at most 15 s) lands in a bucket of its own, not `+Inf`.
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 12.5,
+    15.0, 20.0, 30.0,
+];
+
+/// Every status the webhook listener answers, so each series exists (at 0) from the start:
+/// an alert on `increase()` then fires on the first failure, not the second.
+pub const HTTP_STATUSES: &[&str] = &[
+    "200", "400", "403", "404", "405", "408", "413", "415", "503",
 ];
 
 /// The metric families.
@@ -26,6 +34,9 @@ pub struct Metrics {
     pub http_rejections: IntCounterVec,
     /// `flexbridge_verification_failures_total{reason}`.
     pub verification_failures: IntCounterVec,
+    /// `flexbridge_http_request_duration_seconds{status}`: from the request's arrival to its
+    /// answer, what Twilio's 15 s timeout is measured against.
+    pub http_duration: HistogramVec,
     /// `flexbridge_http_requests_in_flight`.
     pub in_flight: IntGauge,
     /// `flexbridge_events_total{type}`: verified, normalized events by short type name.
@@ -79,6 +90,14 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            http_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "flexbridge_http_request_duration_seconds",
+                    "Time from a webhook request's arrival to its answer (Twilio gives up after 15 s), by status.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["status"],
+            )?,
             in_flight: IntGauge::new(
                 "flexbridge_http_requests_in_flight",
                 "Webhook requests being handled.",
@@ -127,6 +146,7 @@ impl Metrics {
         registry.register(Box::new(m.http_requests.clone()))?;
         registry.register(Box::new(m.http_rejections.clone()))?;
         registry.register(Box::new(m.verification_failures.clone()))?;
+        registry.register(Box::new(m.http_duration.clone()))?;
         registry.register(Box::new(m.in_flight.clone()))?;
         registry.register(Box::new(m.events.clone()))?;
         registry.register(Box::new(m.sink_publish_duration.clone()))?;
@@ -135,11 +155,19 @@ impl Metrics {
         registry.register(Box::new(m.sink_up.clone()))?;
         registry.register(Box::new(m.sink_reconnections.clone()))?;
         registry.register(Box::new(m.info.clone()))?;
+        for status in HTTP_STATUSES {
+            m.http_requests.with_label_values(&[status]);
+            m.http_duration.with_label_values(&[status]);
+        }
         Ok(m)
     }
 
     /// Label children for one sink, resolved once so the hot path does no label lookup.
     pub fn for_sink(&self, sink: &str) -> SinkMetrics {
+        // The reasons every sink can fail with exist from the start (see HTTP_STATUSES).
+        for reason in SINK_FAILURE_REASONS {
+            self.sink_failures.with_label_values(&[sink, reason]);
+        }
         SinkMetrics {
             success: self
                 .sink_publish_duration
@@ -155,6 +183,9 @@ impl Metrics {
         }
     }
 }
+
+/// Failure reasons shared by every sink, created at 0 for each sink.
+pub const SINK_FAILURE_REASONS: &[&str] = &["timeout", "disconnected"];
 
 /// One sink's metric handles.
 #[derive(Clone)]

@@ -24,7 +24,7 @@ use std::fmt::Display;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
@@ -75,6 +75,27 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// The `flexbridge_http_rejections_total` reasons that exist from the start: the refusals
+    /// of this module, the load shedding and the delivery failures.
+    pub const REASONS: &'static [&'static str] = &[
+        "not_found",
+        "method_not_allowed",
+        "unsupported_media_type",
+        "payload_too_large",
+        "body_timeout",
+        "body_read_error",
+        "malformed_encoding",
+        "invalid_utf8",
+        "invalid_json",
+        "missing_event_type",
+        "missing_account_sid",
+        "overloaded",
+        "too_many_connections",
+        "sink_unavailable",
+        "spool_full",
+        "spool_unavailable",
+    ];
+
     /// The HTTP status for this rejection.
     pub fn status(&self) -> StatusCode {
         match self {
@@ -142,6 +163,7 @@ pub struct Ingress {
     intake: Arc<dyn Intake>,
     metrics: Metrics,
     ok_counter: prometheus::IntCounter,
+    ok_duration: prometheus::Histogram,
     event_counters: [prometheus::IntCounter; EventKind::ALL.len()],
     retry_after: HeaderValue,
     request_prefix: String,
@@ -215,8 +237,16 @@ impl Ingress {
             .verify_signatures
             .then(|| Verifier::new(twilio.auth_tokens.clone(), twilio.shared_keys.clone()));
         let retry_after = HeaderValue::from(config.retry_after.as_secs().max(1));
+        // Every failure series exists at 0 from the start, so an alert sees the first one.
+        for reason in Rejection::REASONS {
+            metrics.http_rejections.with_label_values(&[reason]);
+        }
+        for reason in VerifyError::REASONS.iter().chain(&["account_not_allowed"]) {
+            metrics.verification_failures.with_label_values(&[reason]);
+        }
         Ok(Self {
             ok_counter: metrics.http_requests.with_label_values(&["200"]),
+            ok_duration: metrics.http_duration.with_label_values(&["200"]),
             event_counters: EventKind::ALL
                 .map(|kind| metrics.events.with_label_values(&[kind.short_name()])),
             verifier,
@@ -337,6 +367,7 @@ impl Ingress {
         B: Body<Data = Bytes>,
         B::Error: Display + Send + Sync + 'static + std::error::Error,
     {
+        let arrived = Instant::now();
         let request_id = self.request_id(request.headers());
         let span = tracing::info_span!("request", request_id = %request_id);
         let _in_flight = InFlight::new(&self.metrics.in_flight);
@@ -350,6 +381,7 @@ impl Ingress {
         let mut response = match outcome {
             Ok(id) => {
                 self.ok_counter.inc();
+                self.ok_duration.observe(arrived.elapsed().as_secs_f64());
                 tracing::debug!(parent: &span, event_id = %id, "event delivered");
                 let mut body = String::with_capacity(id.len() + 10);
                 body.push_str("{\"id\":\"");
@@ -357,7 +389,14 @@ impl Ingress {
                 body.push_str("\"}");
                 json_response(StatusCode::OK, body)
             }
-            Err(rejection) => self.reject(&rejection, &span),
+            Err(rejection) => {
+                let response = self.reject(&rejection, &span);
+                self.metrics
+                    .http_duration
+                    .with_label_values(&[response.status().as_str()])
+                    .observe(arrived.elapsed().as_secs_f64());
+                response
+            }
         };
         if let Ok(value) = HeaderValue::from_str(&request_id) {
             response.headers_mut().insert("x-request-id", value);

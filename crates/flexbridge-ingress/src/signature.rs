@@ -78,6 +78,18 @@ pub enum VerifyError {
 }
 
 impl VerifyError {
+    /// Every value [`VerifyError::reason`] returns.
+    pub const REASONS: &'static [&'static str] = &[
+        "signature_missing",
+        "body_hash_missing",
+        "body_hash_mismatch",
+        "unknown_key",
+        "unsupported_algorithm",
+        "malformed_settings",
+        "no_auth_token",
+        "signature_mismatch",
+    ];
+
     /// A low-cardinality reason for metrics.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -8,25 +8,56 @@ use async_trait::async_trait;
 use flexbridge_core::cloudevents::Encoded;
 use flexbridge_core::metrics::{Counter, Gauge};
 use flexbridge_core::route::Template;
+use flexbridge_core::FailureLog;
 use flexbridge_core::{
     Binding, BuildError, ContentMode, Event, Limits, Retry, Sink, SinkConfig, SinkContext,
     SinkError,
 };
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// librdkafka properties passed through (TLS, SASL, tuning). Values of keys that hold
-/// secrets (passwords, keys, tokens) never print.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+/// secrets (passwords, keys, tokens) never print. A number or boolean is taken as its text
+/// (`linger.ms = 5`, or an environment override).
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Properties(pub BTreeMap<String, String>);
+
+impl<'de> Deserialize<'de> for Properties {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Scalar {
+            Text(String),
+            Integer(i64),
+            Number(f64),
+            Flag(bool),
+        }
+        let raw = BTreeMap::<String, Scalar>::deserialize(deserializer)?;
+        Ok(Properties(
+            raw.into_iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        Scalar::Text(s) => s,
+                        Scalar::Integer(i) => i.to_string(),
+                        Scalar::Number(n) => n.to_string(),
+                        Scalar::Flag(b) => b.to_string(),
+                    };
+                    (k, v)
+                })
+                .collect(),
+        ))
+    }
+}
 
 fn is_secret(key: &str) -> bool {
     [
@@ -160,6 +191,11 @@ impl KafkaSinkConfig {
                 key("message_timeout")
             ));
         }
+        errors.extend(
+            self.check_client_config()
+                .err()
+                .map(|e| format!("{}: {e}", key("properties"))),
+        );
         for fixed in ["enable.idempotence", "acks"] {
             if self.properties.0.contains_key(fixed) {
                 errors.push(format!(
@@ -173,6 +209,83 @@ impl KafkaSinkConfig {
             key: record_key,
         });
         (plan, errors)
+    }
+}
+
+impl KafkaSinkConfig {
+    /// The producer's librdkafka configuration: our defaults, then `properties`, then the
+    /// settings that make an acknowledged event durable.
+    fn client_config(&self) -> ClientConfig {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &self.brokers)
+            .set(
+                "message.timeout.ms",
+                self.message_timeout.as_millis().to_string(),
+            )
+            .set("linger.ms", self.linger.as_millis().to_string())
+            .set("client.id", format!("flexbridge-{}", self.name))
+            // A topic the broker says does not exist fails within a second instead of after
+            // librdkafka's default 30 s (longer than any acknowledgement deadline).
+            .set("topic.metadata.propagation.max.ms", "1000");
+        for (key, value) in &self.properties.0 {
+            client.set(key, value);
+        }
+        client.set("enable.idempotence", "true").set("acks", "all");
+        client
+    }
+
+    /// Hands every property to librdkafka without starting a client, so `check-config`
+    /// rejects what this build cannot honour (an unknown property, a protocol, codec or SASL
+    /// mechanism it was built without) instead of `run` failing later.
+    fn check_client_config(&self) -> Result<(), String> {
+        let native = self
+            .client_config()
+            .create_native_config()
+            .map_err(|e| format!("librdkafka refused it: {}", kafka_error_text(&e)))?;
+        // The SASL mechanism is only checked when a client starts: compare it with what this
+        // build has (`builtin.features`, e.g. `sasl_scram`).
+        let features = native.get("builtin.features").unwrap_or_default();
+        let mechanism = self
+            .properties
+            .0
+            .get("sasl.mechanisms")
+            .or_else(|| self.properties.0.get("sasl.mechanism"));
+        let sasl_in_use = self
+            .properties
+            .0
+            .get("security.protocol")
+            .is_some_and(|p| p.to_ascii_lowercase().starts_with("sasl"));
+        if let (Some(mechanism), true) = (mechanism, sasl_in_use) {
+            let feature = match mechanism.to_ascii_uppercase().as_str() {
+                "PLAIN" => "sasl_plain",
+                "SCRAM-SHA-256" | "SCRAM-SHA-512" => "sasl_scram",
+                "OAUTHBEARER" => "sasl_oauthbearer",
+                "GSSAPI" => "sasl_gssapi",
+                other => return Err(format!("unknown SASL mechanism {other:?} (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER)")),
+            };
+            if !features.split(',').any(|f| f == feature) {
+                return Err(format!(
+                    "SASL mechanism {mechanism} is not in this build (it has: {features})"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// librdkafka's message without the wrapper's prefix.
+fn kafka_error_text(error: &KafkaError) -> String {
+    match error {
+        KafkaError::ClientConfig(_, message, key, value) => {
+            let value = if is_secret(key) {
+                flexbridge_core::secret::REDACTED
+            } else {
+                value.as_str()
+            };
+            format!("{key} = {value:?}: {message}")
+        }
+        other => other.to_string(),
     }
 }
 
@@ -196,8 +309,47 @@ pub fn topic_value(value: &str, out: &mut String) {
     }));
 }
 
+/// The producer of this sink, with its logging context.
+type FutureProducer = rdkafka::producer::FutureProducer<LogContext>;
+
+/// Sends librdkafka's errors and warnings through the sink's [`FailureLog`]: with the broker
+/// down librdkafka reports several failures a second, each as an error callback and a log
+/// line; an operator gets one line when it starts failing, a summary a minute, and one when
+/// it recovers.
+#[derive(Clone)]
+pub struct LogContext {
+    failures: Arc<FailureLog>,
+}
+
+impl ClientContext for LogContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error
+            | RDKafkaLogLevel::Warning => {
+                self.failures.failure(
+                    "the Kafka client reports a problem",
+                    &format_args!("{fac}: {message}"),
+                );
+            }
+            _ => tracing::debug!(fac, message, "librdkafka"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.failures.failure(
+            "the Kafka client reports a problem",
+            &format_args!("{error}: {reason}"),
+        );
+    }
+}
+
 /// Publishes to Kafka.
 pub struct KafkaSink {
+    /// Connection failures, logged per state change.
+    failures: Arc<FailureLog>,
     name: String,
     /// The producer and its generation; replaced when librdkafka reports a fatal error.
     producer: RwLock<(u64, FutureProducer)>,
@@ -232,26 +384,16 @@ impl SinkConfig for KafkaSinkConfig {
     /// and the health check reports it.
     async fn build(&self, plan: KafkaPlan, context: &SinkContext) -> Result<KafkaSink, BuildError> {
         let config = self;
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &config.brokers)
-            .set(
-                "message.timeout.ms",
-                config.message_timeout.as_millis().to_string(),
-            )
-            .set("linger.ms", config.linger.as_millis().to_string())
-            .set("client.id", format!("flexbridge-{}", config.name))
-            // A topic the broker says does not exist fails within a second instead of after
-            // librdkafka's default 30 s (longer than any acknowledgement deadline).
-            .set("topic.metadata.propagation.max.ms", "1000");
-        for (key, value) in &config.properties.0 {
-            client.set(key, value);
-        }
-        client.set("enable.idempotence", "true").set("acks", "all");
+        let client = config.client_config();
+        let failures = Arc::new(FailureLog::new(config.name.clone()));
+        let log_context = LogContext {
+            failures: Arc::clone(&failures),
+        };
         let producer: FutureProducer = client
-            .create()
+            .create_with_context(log_context)
             .map_err(|e| BuildError::open("librdkafka refused the producer configuration", e))?;
         Ok(KafkaSink {
+            failures,
             name: config.name.clone(),
             producer: RwLock::new((0, producer)),
             client_config: client,
@@ -297,7 +439,13 @@ impl KafkaSink {
         if slot.0 != generation {
             return Some(reason); // another request already replaced it
         }
-        match self.client_config.create::<FutureProducer>() {
+        let context = LogContext {
+            failures: Arc::clone(&self.failures),
+        };
+        match self
+            .client_config
+            .create_with_context::<_, FutureProducer>(context)
+        {
             Ok(fresh) => {
                 let old = std::mem::replace(&mut *slot, (generation + 1, fresh));
                 drop(slot);
@@ -415,7 +563,10 @@ impl Sink for KafkaSink {
                 .send(record, Timeout::After(self.message_timeout))
                 .await
             {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.failures.success();
+                    return Ok(());
+                }
                 Err((error, _)) => error,
             };
             match self.recover(generation, &producer, Some(&error)) {
@@ -459,7 +610,9 @@ impl Sink for KafkaSink {
                 format!("no Kafka broker answered a metadata request: {e}"),
             )
             .with_source(e)
-        })
+        })?;
+        self.failures.success();
+        Ok(())
     }
 
     async fn drain(&self) -> Result<(), SinkError> {
@@ -487,6 +640,77 @@ mod tests {
             !shown.contains("hunter2") && shown.contains("lz4"),
             "{shown}"
         );
+    }
+
+    fn with_properties(pairs: &[(&str, &str)]) -> KafkaSinkConfig {
+        serde_json::from_value(serde_json::json!({
+            "name": "k",
+            "brokers": "kafka-1:9093",
+            "properties": pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+        }))
+        .unwrap()
+    }
+
+    /// A managed Kafka needs TLS, SASL (PLAIN, SCRAM, OAUTHBEARER) and the usual codecs: this
+    /// build has them, and validation accepts such a configuration.
+    #[test]
+    fn tls_sasl_and_every_codec_are_built_in() {
+        let limits = Limits::default();
+        for mechanism in ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] {
+            for codec in ["zstd", "lz4", "snappy", "gzip"] {
+                let config = with_properties(&[
+                    ("security.protocol", "SASL_SSL"),
+                    ("sasl.mechanisms", mechanism),
+                    ("sasl.username", "u"),
+                    ("sasl.password", "p"),
+                    ("compression.type", codec),
+                ]);
+                if let Err(errors) = config.plan(&limits) {
+                    panic!("{mechanism} + {codec}: {errors:?}");
+                }
+            }
+        }
+        assert!(with_properties(&[("security.protocol", "SSL")])
+            .plan(&limits)
+            .is_ok());
+    }
+
+    /// What this build cannot honour fails validation (`check-config`, exit 64) with the key
+    /// and the reason, never at `run`; a secret value is not echoed.
+    #[test]
+    fn what_this_build_cannot_honour_fails_validation() {
+        let limits = Limits::default();
+        for (pairs, expected) in [
+            (
+                vec![
+                    ("security.protocol", "SASL_SSL"),
+                    ("sasl.mechanisms", "GSSAPI"),
+                ],
+                "SASL mechanism GSSAPI is not in this build",
+            ),
+            (
+                vec![
+                    ("security.protocol", "SASL_PLAINTEXT"),
+                    ("sasl.mechanism", "NTLM"),
+                ],
+                "unknown SASL mechanism",
+            ),
+            (vec![("compression.type", "brotli")], "compression.type"),
+            (vec![("no.such.property", "1")], "no.such.property"),
+            (
+                vec![("sasl.password", "hunter2"), ("sasl.passwordd", "x")],
+                "sasl.passwordd",
+            ),
+        ] {
+            let errors = with_properties(&pairs)
+                .plan(&limits)
+                .err()
+                .unwrap()
+                .join("\n");
+            assert!(errors.contains(expected), "{pairs:?}: {errors}");
+            assert!(errors.contains("sinks.k.properties"), "{errors}");
+            assert!(!errors.contains("hunter2"), "{errors}");
+        }
     }
 
     #[test]

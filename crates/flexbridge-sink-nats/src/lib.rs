@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use flexbridge_core::metrics::Counter;
 use flexbridge_core::route::Template;
 use flexbridge_core::secret::redact_url;
+use flexbridge_core::FailureLog;
 use flexbridge_core::{
     Binding, BuildError, ContentMode, Event, EventKind, Limits, Retry, Sink, SinkConfig,
     SinkContext, SinkError,
@@ -145,23 +146,32 @@ impl SinkConfig for NatsSinkConfig {
         if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
-        let name = config.name.clone();
         let reconnections = sink_metrics.reconnections.clone();
         let was_connected = std::sync::Arc::new(AtomicBool::new(false));
+        let failures = std::sync::Arc::new(FailureLog::new(config.name.clone()));
+        let name = config.name.clone();
         options = options.event_callback(move |event| {
-            let name = name.clone();
             let reconnections = reconnections.clone();
             let was_connected = std::sync::Arc::clone(&was_connected);
+            let failures = std::sync::Arc::clone(&failures);
+            let name = name.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
                         if was_connected.swap(true, Ordering::SeqCst) {
                             reconnections.inc();
                         }
+                        failures.success();
                         tracing::info!(sink = %name, "connected to NATS");
                     }
                     async_nats::Event::Disconnected => {
-                        tracing::warn!(sink = %name, "disconnected from NATS; reconnecting")
+                        failures.failure("disconnected from NATS", &"connection lost");
+                    }
+                    async_nats::Event::ClientError(error) => {
+                        failures.failure("the NATS connection fails", &error);
+                    }
+                    async_nats::Event::ServerError(error) => {
+                        failures.failure("the NATS server reports an error", &error);
                     }
                     other => tracing::warn!(sink = %name, event = %other, "NATS client event"),
                 }
@@ -177,16 +187,8 @@ impl SinkConfig for NatsSinkConfig {
             .connect(addrs)
             .await
             .map_err(|e| BuildError::open(format!("cannot connect to NATS at {servers}"), e))?;
-        // Give the first connection a moment so a healthy broker is ready from the start; a
-        // broker that is down does not stop the daemon (the client keeps retrying).
-        let started = tokio::time::Instant::now();
-        while client.connection_state() != State::Connected {
-            if started.elapsed() >= config.connect_timeout {
-                tracing::warn!(sink = %config.name, servers = %servers, "NATS is not reachable yet; starting anyway and retrying in the background");
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        // Not waiting for the first connection: the listener starts at once, the health check
+        // reports the sink until it is connected, and a publish meanwhile is retried.
         let jetstream = config.jetstream.then(|| {
             jetstream::ContextBuilder::new()
                 .timeout(config.ack_timeout)

@@ -17,6 +17,7 @@ use flexbridge_core::metrics::SinkMetrics;
 use flexbridge_core::retry::Backoff;
 use flexbridge_core::route::Template;
 use flexbridge_core::secret::redact_url;
+use flexbridge_core::FailureLog;
 use flexbridge_core::{
     Binding, BuildError, ContentMode, Event, Limits, Retry, Sink, SinkConfig, SinkContext,
     SinkError,
@@ -124,20 +125,14 @@ impl SinkConfig for RabbitMqSinkConfig {
             broken: Notify::new(),
         });
         let (stop, stopped) = watch::channel(false);
-        let (first_attempt, mut first_attempt_done) = watch::channel(false);
         tokio::spawn(maintain(
             self.clone(),
             Arc::clone(&shared),
             context.shared(),
             stopped,
-            first_attempt,
         ));
-        // Let the first attempt finish so a healthy broker is ready from the start.
-        let _ = tokio::time::timeout(
-            self.connect_timeout + Duration::from_secs(1),
-            first_attempt_done.wait_for(|done| *done),
-        )
-        .await;
+        // Not waiting for the first attempt: the listener starts at once, the health check
+        // reports the sink until it is connected, and a publish meanwhile is retried.
         Ok(RabbitMqSink {
             name: self.name.clone(),
             exchange: self.exchange.as_str().into(),
@@ -284,7 +279,6 @@ async fn maintain(
     shared: Arc<Shared>,
     metrics: SinkMetrics,
     mut stop: watch::Receiver<bool>,
-    first_attempt: watch::Sender<bool>,
 ) {
     // Capped at 2 s: a reconnect attempt is cheap, and a webhook waits for it (at most
     // `delivery.ack_timeout`), so a broker back after a blip must be found quickly.
@@ -294,11 +288,13 @@ async fn maintain(
     };
     let uri = redact_url(config.uri.expose());
     let mut failures = 0u32;
+    let failure_log = FailureLog::new(config.name.clone());
     let mut connected_before = false;
     loop {
         match tokio::time::timeout(config.connect_timeout, establish(&config)).await {
             Ok(Ok((link, topology))) => {
                 failures = 0;
+                failure_log.success();
                 if connected_before {
                     metrics.reconnections.inc();
                 }
@@ -316,7 +312,6 @@ async fn maintain(
                         tracing::error!(sink = %config.name, error = %problem.message, "RabbitMQ topology is not usable")
                     }
                 }
-                let _ = first_attempt.send(true);
                 // Wait until the link breaks (or a publish says it did), or shutdown.
                 loop {
                     tokio::select! {
@@ -354,9 +349,7 @@ async fn maintain(
                     Ok(Err(error)) => error.to_string(),
                     _ => format!("no connection within {:?}", config.connect_timeout),
                 };
-                if failures == 0 {
-                    tracing::warn!(sink = %config.name, uri = %uri, error = %message, "cannot connect to RabbitMQ; retrying");
-                }
+                failure_log.failure(&format!("cannot connect to RabbitMQ at {uri}"), &message);
                 set_problem(
                     &shared,
                     Some(SinkErrorInfo {
@@ -365,7 +358,6 @@ async fn maintain(
                         message: format!("cannot connect to RabbitMQ at {uri}: {message}"),
                     }),
                 );
-                let _ = first_attempt.send(true);
                 failures += 1;
                 let delay = backoff.delay(failures, rand::random::<f64>());
                 tokio::select! {

@@ -198,7 +198,17 @@ struct SpoolMetrics {
 }
 
 impl SpoolMetrics {
-    fn register(registry: &Registry, sinks: &[String]) -> Result<Self, prometheus::Error> {
+    fn register(
+        registry: &Registry,
+        sinks: &[String],
+        max_bytes: u64,
+    ) -> Result<Self, prometheus::Error> {
+        let capacity = IntGauge::new(
+            "flexbridge_spool_max_bytes",
+            "spool.max_bytes: beyond it webhooks are answered 503 (compare flexbridge_spool_bytes).",
+        )?;
+        capacity.set(i64::try_from(max_bytes).unwrap_or(i64::MAX));
+        registry.register(Box::new(capacity))?;
         let bytes = IntGauge::new(
             "flexbridge_spool_bytes",
             "Bytes of records in the spool waiting for at least one sink.",
@@ -390,8 +400,8 @@ impl Spool {
         }
         drop((events, cursors, dead_table, tx));
 
-        let metrics =
-            SpoolMetrics::register(registry, &sinks).map_err(|e| open_error(e.to_string()))?;
+        let metrics = SpoolMetrics::register(registry, &sinks, max_bytes)
+            .map_err(|e| open_error(e.to_string()))?;
         let redeliveries = IntCounter::new(
             "flexbridge_spool_redeliveries_total",
             "Deliveries of an event accepted shortly before, answered 200 without a second copy.",

@@ -83,6 +83,14 @@ impl AdminState {
         }
     }
 
+    /// True when the last check found every sink healthy.
+    fn sinks_healthy(&self) -> bool {
+        self.sinks
+            .read()
+            .map(|s| s.iter().all(|(_, error)| error.is_none()))
+            .unwrap_or(false)
+    }
+
     fn readiness(&self) -> (bool, String) {
         let draining = self.draining.load(Ordering::SeqCst);
         let sinks = self.sinks.read().map(|s| s.clone()).unwrap_or_default();
@@ -116,14 +124,29 @@ pub async fn health_loop(
     timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    // The sinks connect in the background and the listener does not wait for them: check
+    // often at first, so readiness turns true as soon as they are connected.
+    let started = tokio::time::Instant::now();
+    let mut wait = Duration::ZERO;
     loop {
         tokio::select! {
-            () = tokio::time::sleep(interval) => {}
+            () = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
         state.refresh_health(timeout).await;
+        let starting = started.elapsed() < STARTUP_WINDOW && !state.sinks_healthy();
+        wait = if starting {
+            interval.min(STARTUP_RECHECK)
+        } else {
+            interval
+        };
     }
 }
+
+/// How long after start the health checks run every [`STARTUP_RECHECK`] until every sink
+/// is healthy.
+const STARTUP_WINDOW: Duration = Duration::from_secs(30);
+const STARTUP_RECHECK: Duration = Duration::from_millis(100);
 
 /// Serves the admin endpoints until `finished` turns true (after the drain, so readiness
 /// stays observable during shutdown).

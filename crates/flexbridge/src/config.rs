@@ -137,12 +137,35 @@ const SECTIONS: &[&str] = &[
     "ingress", "twilio", "delivery", "spool", "admin", "shutdown", "sinks", "webhooks",
 ];
 
-/// Loads the file (if any) and the environment, and validates the result.
+/// Loads the file (if any) and the environment, expands `${NAME}` / `${file:...}`
+/// references, and validates the result.
 pub fn load(path: Option<&Path>) -> Result<AppConfig, ConfigErrors> {
+    let vars: Vec<(String, String)> = std::env::vars().collect();
+    let mut value = read(path, &vars)?;
+    let errors = crate::expand::expand(&mut value, &crate::expand::from_env);
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    let env_token = std::env::var("TWILIO_AUTH_TOKEN").ok();
+    from_value(value, env_token.as_deref())
+}
+
+const ENV_PREFIX: &str = "FLEXBRIDGE__";
+const ENV_SINKS: &str = "FLEXBRIDGE__SINKS__";
+
+/// The file and the `FLEXBRIDGE__*` variables as one document. The `config` crate merges the
+/// sections; `[[sinks]]` entries are a list it cannot index, so their variables
+/// (`FLEXBRIDGE__SINKS__<index>__<key>[__<key>...]`) are applied here.
+fn read(path: Option<&Path>, vars: &[(String, String)]) -> Result<Value, ConfigErrors> {
     let mut builder = config::Config::builder();
     if let Some(path) = path {
         builder = builder.add_source(config::File::from(path).required(true));
     }
+    let sections: std::collections::HashMap<String, String> = vars
+        .iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !k.starts_with(ENV_SINKS))
+        .cloned()
+        .collect();
     builder = builder.add_source(
         config::Environment::with_prefix("FLEXBRIDGE")
             .prefix_separator("__")
@@ -150,16 +173,97 @@ pub fn load(path: Option<&Path>) -> Result<AppConfig, ConfigErrors> {
             .try_parsing(true)
             .list_separator(",")
             .with_list_parse_key("twilio.auth_tokens")
-            .with_list_parse_key("twilio.account_sids"),
+            .with_list_parse_key("twilio.account_sids")
+            .source(Some(sections)),
     );
     let raw = builder
         .build()
         .map_err(|e| ConfigErrors(vec![e.to_string()]))?;
-    let value: Value = raw
+    let mut value: Value = raw
         .try_deserialize()
         .map_err(|e| ConfigErrors(vec![e.to_string()]))?;
-    let env_token = std::env::var("TWILIO_AUTH_TOKEN").ok();
-    from_value(value, env_token.as_deref())
+    let mut errors = Vec::new();
+    let mut overrides: Vec<&(String, String)> = vars
+        .iter()
+        .filter(|(k, _)| k.starts_with(ENV_SINKS))
+        .collect();
+    // In index order, so `FLEXBRIDGE__SINKS__2__*` may add a third sink after the file's two.
+    overrides.sort_by_key(|(k, _)| {
+        let index = k[ENV_SINKS.len()..].split("__").next().unwrap_or("");
+        (index.parse::<usize>().unwrap_or(usize::MAX), k.clone())
+    });
+    for (key, text) in overrides {
+        if let Err(e) = override_sink(&mut value, &key[ENV_SINKS.len()..], text) {
+            errors.push(format!("{key}: {e}"));
+        }
+    }
+    if errors.is_empty() {
+        Ok(value)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Sets `sinks[index].a.b` from `INDEX__A__B` (keys lowercased, as for the sections).
+fn override_sink(document: &mut Value, rest: &str, text: &str) -> Result<(), String> {
+    let mut parts = rest.split("__");
+    let index: usize = parts
+        .next()
+        .and_then(|i| i.parse().ok())
+        .ok_or("expected FLEXBRIDGE__SINKS__<index>__<key>")?;
+    let keys: Vec<String> = parts.map(str::to_ascii_lowercase).collect();
+    if keys.is_empty() || keys.iter().any(String::is_empty) {
+        return Err("expected FLEXBRIDGE__SINKS__<index>__<key>".into());
+    }
+    if document.is_null() {
+        *document = Value::Object(serde_json::Map::new());
+    }
+    let Value::Object(root) = document else {
+        return Err("the configuration is not a table".into());
+    };
+    let sinks = root
+        .entry("sinks")
+        .or_insert_with(|| Value::Array(Vec::new()));
+    let Value::Array(sinks) = sinks else {
+        return Err("sinks: must be a list of tables ([[sinks]])".into());
+    };
+    if index > sinks.len() {
+        return Err(format!(
+            "there are {} sinks: a new one takes index {}",
+            sinks.len(),
+            sinks.len()
+        ));
+    }
+    if index == sinks.len() {
+        sinks.push(Value::Object(serde_json::Map::new()));
+    }
+    let mut slot = &mut sinks[index];
+    for key in &keys {
+        let Value::Object(table) = slot else {
+            return Err(format!("{key}: its parent is not a table"));
+        };
+        slot = table.entry(key.clone()).or_insert(Value::Null);
+    }
+    // The type comes from what the file has there; a new key is guessed like the sections'.
+    *slot = match slot {
+        Value::String(_) => Value::String(text.to_owned()),
+        Value::Bool(_) | Value::Number(_) => serde_json::from_str(text)
+            .map_err(|_| format!("expected the type the file has, got {text:?}"))?,
+        _ => scalar(text),
+    };
+    Ok(())
+}
+
+/// `true`/`false`, an integer, or else the text.
+fn scalar(text: &str) -> Value {
+    match text {
+        "true" => Value::Bool(true),
+        "false" => Value::Bool(false),
+        _ => text
+            .parse::<i64>()
+            .map(Value::from)
+            .unwrap_or_else(|_| Value::String(text.to_owned())),
+    }
 }
 
 /// Builds and validates a configuration from a parsed document, collecting every error: each
@@ -202,9 +306,7 @@ pub fn from_value(value: Value, env_auth_token: Option<&str>) -> Result<AppConfi
                 .iter()
                 .enumerate()
                 .filter_map(|(i, item)| {
-                    serde_json::from_value::<SinkConfig>(item.clone())
-                        .map_err(|e| errors.push(format!("sinks[{i}]: {e}")))
-                        .ok()
+                    SinkConfig::deserialize_all(item.clone(), &format!("sinks[{i}]"), &mut errors)
                 })
                 .collect(),
             Some(_) => {
@@ -234,11 +336,140 @@ pub(crate) fn section<T: DeserializeOwned + Default>(
 ) -> T {
     match table.get(name) {
         None => T::default(),
-        Some(value) => serde_json::from_value(value.clone()).unwrap_or_else(|e| {
-            errors.push(format!("{name}: {e}"));
-            T::default()
-        }),
+        Some(value) => deserialize_all(value.clone(), name, errors).unwrap_or_default(),
     }
+}
+
+/// Deserializes `value`, reporting every bad key at once as `prefix.key.path: message`: a key
+/// that fails is reported, removed, and the rest tried again (sections take defaults for what
+/// is missing). None if anything failed.
+pub(crate) fn deserialize_all<T: DeserializeOwned>(
+    mut value: Value,
+    prefix: &str,
+    errors: &mut Vec<String>,
+) -> Option<T> {
+    let mut removed: Vec<String> = Vec::new();
+    for _ in 0..32 {
+        match serde_path_to_error::deserialize::<_, T>(&value) {
+            Ok(parsed) => return removed.is_empty().then_some(parsed),
+            Err(e) => {
+                let path = e.path().to_string();
+                let message = friendly(&e.inner().to_string());
+                let at = if path == "." || path.is_empty() {
+                    prefix.to_owned()
+                } else if path.starts_with('[') {
+                    format!("{prefix}{path}")
+                } else {
+                    format!("{prefix}.{path}")
+                };
+                // Removing a required key only to hear it is missing says nothing new.
+                if message.starts_with("missing field") && !removed.is_empty() {
+                    return None;
+                }
+                errors.push(format!("{at}: {message}"));
+                let culprit = match message.strip_prefix("unknown field `") {
+                    Some(rest) => {
+                        let field = rest.split('`').next().unwrap_or("");
+                        if path == "." || path.is_empty() {
+                            field.to_owned()
+                        } else if path == field || path.ends_with(&format!(".{field}")) {
+                            path.clone()
+                        } else {
+                            format!("{path}.{field}")
+                        }
+                    }
+                    None => path.clone(),
+                };
+                if culprit.is_empty() || culprit == "." || !remove(&mut value, &culprit) {
+                    return None;
+                }
+                removed.push(culprit);
+            }
+        }
+    }
+    None
+}
+
+/// Removes the key at a `serde_path_to_error` path (`a.b`, `a[0].b`); false if not there.
+fn remove(value: &mut Value, path: &str) -> bool {
+    let mut segments: Vec<&str> = Vec::new();
+    for part in path.split('.') {
+        let mut part = part;
+        while let Some(open) = part.find('[') {
+            if open > 0 {
+                segments.push(&part[..open]);
+            }
+            let close = part[open..].find(']').map_or(part.len(), |c| open + c);
+            segments.push(&part[open..=close.min(part.len() - 1)]);
+            part = &part[(close + 1).min(part.len())..];
+        }
+        if !part.is_empty() {
+            segments.push(part);
+        }
+    }
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut slot = value;
+    for segment in parents {
+        slot = match (
+            slot,
+            segment.strip_prefix('[').and_then(|s| s.strip_suffix(']')),
+        ) {
+            (Value::Array(items), Some(i)) => {
+                match i.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                    Some(item) => item,
+                    None => return false,
+                }
+            }
+            (Value::Object(map), None) => match map.get_mut(*segment) {
+                Some(item) => item,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match (
+        slot,
+        last.strip_prefix('[').and_then(|s| s.strip_suffix(']')),
+    ) {
+        (Value::Array(items), Some(i)) => match i.parse::<usize>() {
+            Ok(i) if i < items.len() => {
+                items.remove(i);
+                true
+            }
+            _ => false,
+        },
+        (Value::Object(map), None) => map.remove(*last).is_some(),
+        _ => false,
+    }
+}
+
+/// serde's `invalid type: string "big", expected usize` as `expected a non-negative integer,
+/// got "big"`.
+fn friendly(message: &str) -> String {
+    let Some(rest) = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))
+    else {
+        return message.to_owned();
+    };
+    let Some((got, expected)) = rest.split_once(", expected ") else {
+        return message.to_owned();
+    };
+    let expected = match expected {
+        "usize" | "u64" | "u32" | "u16" | "u8" => "a non-negative integer",
+        "i64" | "i32" | "isize" => "an integer",
+        "f64" | "f32" => "a number",
+        other => other,
+    };
+    let got = got
+        .strip_prefix("string ")
+        .or_else(|| got.strip_prefix("integer "))
+        .or_else(|| got.strip_prefix("floating point "))
+        .unwrap_or(got)
+        .trim_matches('`');
+    format!("expected {expected}, got {got}")
 }
 
 /// The semantic checks, each error as `key: message`.
@@ -336,16 +567,93 @@ mod tests {
         .0;
         let all = errors.join("\n");
         for expected in [
-            "ingress: unknown field `lisen`",
+            "ingress.lisen: unknown field `lisen`",
             "twilio.account_sids",
             "delivery: max_attempts",
             "unknown section `extra_section`",
             "sinks[0]: missing field `path`",
-            "sinks[1]: unknown variant `kafkaa`, expected one of `file`, `stdout`, `nats`, `rabbitmq`, `kafka`",
+            "sinks[1].type: unknown sink type `kafkaa`, expected one of `file`, `stdout`, `nats`, `rabbitmq`, `kafka`",
             "\"c\" is used twice",
         ] {
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
         }
+    }
+
+    /// A type error names the key path and the expected form, and every bad key of a section
+    /// (or a sink) is reported, not only the first.
+    #[test]
+    fn type_errors_name_the_key_and_all_are_reported() {
+        let errors = from_value(
+            json!({
+                "ingress": {"max_body_bytes": "big", "listen": 5, "lisen": "x"},
+                "admin": {"health_interval": "soon"},
+                "sinks": [{"type": "rabbitmq", "name": "r", "uri": "amqp://h", "connect_timeout": 5, "heartbeat": "often"}]
+            }),
+            Some("tok"),
+        )
+        .unwrap_err()
+        .0
+        .join("\n");
+        for expected in [
+            "ingress.max_body_bytes: expected a non-negative integer, got \"big\"",
+            "ingress.listen:",
+            "ingress.lisen: unknown field `lisen`",
+            "admin.health_interval: expected a duration, got \"soon\"",
+            "sinks[0].connect_timeout: expected a duration, got 5",
+            "sinks[0].heartbeat:",
+        ] {
+            assert!(
+                errors.contains(expected),
+                "missing {expected:?} in:\n{errors}"
+            );
+        }
+        assert!(errors.lines().count() >= 6, "{errors}");
+    }
+
+    /// `FLEXBRIDGE__SINKS__<i>__<key>` overrides a sink's setting (typed like the file's value),
+    /// may add a sink at the next index, and a gap is an error naming the variable.
+    #[test]
+    fn sink_settings_can_be_overridden_from_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("flexbridge.toml");
+        std::fs::write(
+            &file,
+            "[[sinks]]\nname = \"events\"\ntype = \"file\"\npath = \"/tmp/a.jsonl\"\n",
+        )
+        .unwrap();
+        let vars = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let value = read(
+            Some(&file),
+            &vars(&[
+                ("FLEXBRIDGE__SINKS__0__PATH", "/data/events.jsonl"),
+                ("FLEXBRIDGE__SINKS__1__TYPE", "stdout"),
+                ("FLEXBRIDGE__SINKS__1__NAME", "console"),
+                ("FLEXBRIDGE__INGRESS__MAX_BODY_BYTES", "4096"),
+            ]),
+        )
+        .unwrap();
+        let config = from_value(value, Some("tok")).unwrap();
+        assert_eq!(config.ingress.max_body_bytes, 4096);
+        assert_eq!(config.sinks.len(), 2);
+        let SinkConfig::File(sink) = &config.sinks[0] else {
+            panic!("{:?}", config.sinks[0]);
+        };
+        assert_eq!(sink.path, Path::new("/data/events.jsonl"));
+        assert_eq!(config.sinks[1].name(), "console");
+        let errors = read(Some(&file), &vars(&[("FLEXBRIDGE__SINKS__3__NAME", "x")]))
+            .unwrap_err()
+            .0
+            .join("\n");
+        assert!(
+            errors
+                .contains("FLEXBRIDGE__SINKS__3__NAME: there are 1 sinks: a new one takes index 1"),
+            "{errors}"
+        );
     }
 
     #[test]

@@ -19,8 +19,9 @@ pub struct Running {
     task: JoinHandle<anyhow::Result<()>>,
 }
 
-/// Opens every configured sink. A broker that is down is not an error here: its sink keeps
-/// reconnecting and reports unhealthy until it is back.
+/// Opens every configured sink. A broker that is down is not an error here, and nothing
+/// waits for a connection: each sink connects in the background, reports unhealthy until it
+/// is connected, and a publish meanwhile is retried within `delivery.ack_timeout`.
 pub async fn open_sinks(
     config: &AppConfig,
     metrics: &Metrics,
@@ -57,6 +58,12 @@ pub async fn start_on(
 ) -> anyhow::Result<Running> {
     let registry = prometheus::Registry::new();
     let metrics = Metrics::register(&registry).context("registering metrics")?;
+    // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .context("registering the process metrics")?;
     let verification = if config.twilio.verify_signatures {
         "enabled"
     } else {
@@ -114,7 +121,6 @@ pub async fn start_on(
             .as_ref()
             .map(|(spool, runner)| (Arc::clone(spool), Arc::clone(runner))),
     ));
-    state.refresh_health(config.admin.health_timeout).await;
     let (stop, stopped) = watch::channel(false);
     let (finished, admin_until) = watch::channel(false);
     tokio::spawn(admin::serve(

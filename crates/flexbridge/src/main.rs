@@ -4,6 +4,7 @@ mod admin;
 mod config;
 mod daemon;
 mod demo;
+mod expand;
 mod schema_cmd;
 mod simulate_cmd;
 mod sinks;

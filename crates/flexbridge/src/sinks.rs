@@ -26,6 +26,39 @@ macro_rules! sink_types {
                 }
             }
 
+            /// Reads one `[[sinks]]` table, reporting every bad key as `prefix.key: message`.
+            pub fn deserialize_all(
+                mut value: serde_json::Value,
+                prefix: &str,
+                errors: &mut Vec<String>,
+            ) -> Option<Self> {
+                let tag = match value.as_object_mut().map(|t| t.remove("type")) {
+                    None => {
+                        errors.push(format!("{prefix}: must be a table"));
+                        return None;
+                    }
+                    Some(Some(serde_json::Value::String(tag))) => tag,
+                    Some(_) => {
+                        errors.push(format!(
+                            "{prefix}.type: missing; expected one of {}",
+                            [$(concat!("`", $tag, "`")),+].join(", ")
+                        ));
+                        return None;
+                    }
+                };
+                match tag.as_str() {
+                    $($tag => crate::config::deserialize_all::<$config>(value, prefix, errors)
+                        .map(|c| Self::$variant(Box::new(c))),)+
+                    other => {
+                        errors.push(format!(
+                            "{prefix}.type: unknown sink type `{other}`, expected one of {}",
+                            [$(concat!("`", $tag, "`")),+].join(", ")
+                        ));
+                        None
+                    }
+                }
+            }
+
             /// Every problem of this sink's settings (pure: nothing is opened).
             pub fn validate(&self, limits: &Limits) -> Vec<String> {
                 match self {
