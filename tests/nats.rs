@@ -4,6 +4,7 @@
 
 use flexbridge_e2e::*;
 use std::collections::HashSet;
+use std::time::Duration;
 
 const TOKEN: &str = "nats-e2e-token";
 const PATH: &str = "/flex/interactions";
@@ -59,6 +60,20 @@ fn no_stream_for_the_subject_gives_503_a_clear_log_and_not_ready() {
         nats_url(),
         unique("fbnone")
     ));
+    // The sink connects in the background: once connected, its health check finds the
+    // subject has no stream.
+    let started = std::time::Instant::now();
+    while !get(daemon.admin, "/readyz")
+        .text()
+        .contains("no JetStream stream")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{}",
+            get(daemon.admin, "/readyz").text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let response = signed_form(
         &daemon,
         PATH,

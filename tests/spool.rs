@@ -84,6 +84,11 @@ fn ride_out_a_nats_outage(fault: Fault) {
     ));
     wait_ready(&d);
     let sent = spool_through_outage(&d, PATH, TOKEN, &proxy, "jetstream", fault);
+    assert_eq!(
+        d.metric("flexbridge_spool_dead_letters{sink=\"jetstream\"}"),
+        0.0,
+        "nothing was refused for good"
+    );
     drop(d);
     let messages = drain_stream(&stream);
     let ids: HashSet<&str> = messages.iter().map(|(id, _)| id.as_str()).collect();

@@ -334,6 +334,17 @@ impl Sink for NatsSink {
         let (headers, payload) = self.encode(event);
         match &self.jetstream {
             Some(js) => {
+                // The stream this sink provisions must exist before its first publish, or
+                // JetStream answers "no responders" and the event would count as refused for
+                // good. The health check provisions it too; whichever runs first does it.
+                if self.stream.is_some() && !self.provisioned.load(Ordering::SeqCst) {
+                    self.provision(js).await.map_err(|e| {
+                        SinkError::retryable(
+                            "stream_provisioning",
+                            format!("the stream is not provisioned yet: {e}"),
+                        )
+                    })?;
+                }
                 let message = PublishMessage::build()
                     .payload(payload)
                     .headers(headers)

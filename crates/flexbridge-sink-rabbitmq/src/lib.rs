@@ -74,6 +74,18 @@ pub struct RabbitMqSink {
     shared: Arc<Shared>,
     returned: Counter,
     stop: watch::Sender<bool>,
+    /// True once the first connection attempt finished (connected or failed).
+    first_attempt: watch::Receiver<bool>,
+}
+
+impl RabbitMqSink {
+    /// Waits until the first connection attempt finished, connected or not (at most
+    /// `connect_timeout`). The daemon does not wait (readiness covers it); a caller that
+    /// publishes right after `open`, like a test, may.
+    pub async fn first_attempt(&self) {
+        let mut done = self.first_attempt.clone();
+        let _ = done.wait_for(|d| *d).await;
+    }
 }
 
 /// Makes a value safe inside a routing key: `.` and white space become `_`.
@@ -125,11 +137,13 @@ impl SinkConfig for RabbitMqSinkConfig {
             broken: Notify::new(),
         });
         let (stop, stopped) = watch::channel(false);
+        let (first_attempt, first_attempt_done) = watch::channel(false);
         tokio::spawn(maintain(
             self.clone(),
             Arc::clone(&shared),
             context.shared(),
             stopped,
+            first_attempt,
         ));
         // Not waiting for the first attempt: the listener starts at once, the health check
         // reports the sink until it is connected, and a publish meanwhile is retried.
@@ -141,6 +155,7 @@ impl SinkConfig for RabbitMqSinkConfig {
             shared,
             returned,
             stop,
+            first_attempt: first_attempt_done,
         })
     }
 }
@@ -279,6 +294,7 @@ async fn maintain(
     shared: Arc<Shared>,
     metrics: SinkMetrics,
     mut stop: watch::Receiver<bool>,
+    first_attempt: watch::Sender<bool>,
 ) {
     // Capped at 2 s: a reconnect attempt is cheap, and a webhook waits for it (at most
     // `delivery.ack_timeout`), so a broker back after a blip must be found quickly.
@@ -312,6 +328,7 @@ async fn maintain(
                         tracing::error!(sink = %config.name, error = %problem.message, "RabbitMQ topology is not usable")
                     }
                 }
+                let _ = first_attempt.send(true);
                 // Wait until the link breaks (or a publish says it did), or shutdown.
                 loop {
                     tokio::select! {
@@ -358,6 +375,7 @@ async fn maintain(
                         message: format!("cannot connect to RabbitMQ at {uri}: {message}"),
                     }),
                 );
+                let _ = first_attempt.send(true);
                 failures += 1;
                 let delay = backoff.delay(failures, rand::random::<f64>());
                 tokio::select! {

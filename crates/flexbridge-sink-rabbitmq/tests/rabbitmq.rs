@@ -122,6 +122,8 @@ fn config(uri: String, exchange: &str, declare: Option<Declare>) -> RabbitMqSink
 async fn open(config: &RabbitMqSinkConfig) -> (RabbitMqSink, Metrics) {
     let context = SinkContext::standalone(&config.name).unwrap();
     let sink = config.open(&Limits::default(), &context).await.unwrap();
+    // `open` does not wait for the broker; these tests publish at once.
+    sink.first_attempt().await;
     (sink, context.metrics().clone())
 }
 
