@@ -18,6 +18,18 @@ python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ig
   -r scripts/requirements-test.txt
 
 cargo fmt --all -- --check
+# Supply chain: licenses, bans and sources from deny.toml (offline: the crates are already
+# fetched). cargo-deny is installed once, like tansu. The advisory database lives on GitHub:
+# it is checked only when reachable.
+if ! cargo deny --version >/dev/null 2>&1; then
+  cargo install --locked cargo-deny@0.20.2
+fi
+cargo deny --offline check licenses bans sources
+if timeout 10 git ls-remote https://github.com/rustsec/advisory-db HEAD >/dev/null 2>&1; then
+  cargo deny check advisories
+else
+  echo "test.sh: the RustSec advisory database is not reachable; advisories not checked" >&2
+fi
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests in tests/ start the real binary.
 cargo build --locked -p flexbridge

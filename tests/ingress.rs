@@ -448,3 +448,65 @@ fn disabled_verification_is_explicit_warned_and_labelled() {
         "{text}"
     );
 }
+
+/// A flood of forged signatures: every one is refused with 403 and counted, the answer does
+/// not disclose the URLs tried (built from the client's Host header, they reveal
+/// `public_url`), and the log gets at most a line a second per reason, with the count of
+/// the others.
+#[test]
+fn a_flood_of_forged_signatures_is_counted_not_echoed_and_its_log_is_rate_limited() {
+    let daemon = Daemon::start(&file_sink_config(
+        "[ingress]\nlisten = \"127.0.0.1:0\"\npublic_url = \"https://hooks.secret-host.example\"\n",
+    ));
+    let started = Instant::now();
+    let forged = 300;
+    for n in 0..forged {
+        let params = status_updated(&format!("KD{n:032x}"), "active");
+        let response = signed_form(&daemon, PATH, "not-the-token", &params).send(daemon.ingress);
+        assert_eq!(response.status, 403);
+        let body = response.text();
+        assert!(
+            !body.contains("secret-host") && !body.contains("http"),
+            "the answer discloses a URL: {body}"
+        );
+        assert_eq!(response.json()["error"], "signature_mismatch");
+    }
+    let elapsed = started.elapsed().as_secs() + 1;
+    assert_eq!(
+        daemon.metric("flexbridge_verification_failures_total{reason=\"signature_mismatch\"}"),
+        forged as f64
+    );
+    // The first refusal is logged at once, with the URLs tried for the operator.
+    let first = daemon.wait_for_log("the first refusal", |l| l["reason"] == "signature_mismatch");
+    assert!(
+        first["error"].as_str().unwrap().contains("secret-host"),
+        "{first}"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    // One more after a second carries the count of what was not logged.
+    let params = status_updated("KD0000000000000000000000000000ffff", "active");
+    signed_form(&daemon, PATH, "not-the-token", &params).send(daemon.ingress);
+    let accounted = || {
+        let lines: Vec<_> = daemon
+            .logs()
+            .into_iter()
+            .filter(|l| l["reason"] == "signature_mismatch")
+            .collect();
+        let suppressed: u64 = lines.iter().filter_map(|l| l["suppressed"].as_u64()).sum();
+        (lines.len() as u64, suppressed)
+    };
+    let waited = Instant::now();
+    while accounted().0 + accounted().1 < forged + 1 && waited.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (lines, suppressed) = accounted();
+    assert!(
+        lines <= elapsed + 2,
+        "{lines} lines for {forged} forged requests in {elapsed} s"
+    );
+    assert_eq!(
+        lines + suppressed,
+        forged + 1,
+        "every refusal is either logged or counted in `suppressed`"
+    );
+}

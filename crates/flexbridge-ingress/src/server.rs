@@ -174,6 +174,10 @@ pub struct Ingress {
     connections: Arc<AtomicUsize>,
     /// Shedding is logged at most once a second, with the count since the last line.
     shed_log: RateLimited,
+    /// One limiter per verification reason: a flood of forged requests writes at most a line
+    /// a second per reason (the counter counts every one), and one reason does not hide
+    /// another.
+    verify_log: [RateLimited; VERIFY_REASONS],
     /// Set when shutdown starts: every answer carries `Connection: close`.
     draining: AtomicBool,
     /// The last receipt time handed out, in nanoseconds: each request gets a later one.
@@ -207,6 +211,10 @@ impl RateLimited {
         }
     }
 }
+
+/// Verification reasons with a log limiter of their own: [`VerifyError::REASONS`] and
+/// `account_not_allowed`.
+const VERIFY_REASONS: usize = VerifyError::REASONS.len() + 1;
 
 /// Decrements a counter when dropped.
 struct Count<'a>(&'a AtomicUsize);
@@ -259,6 +267,7 @@ impl Ingress {
             in_flight: AtomicUsize::new(0),
             connections: Arc::new(AtomicUsize::new(0)),
             shed_log: RateLimited::default(),
+            verify_log: Default::default(),
             draining: AtomicBool::new(false),
             last_receipt: AtomicU64::new(0),
             config,
@@ -589,7 +598,15 @@ impl Ingress {
                     .verification_failures
                     .with_label_values(&[reason])
                     .inc();
-                tracing::warn!(parent: span, status = status.as_u16(), reason, error = %rejection, "request refused: not proven to come from Twilio");
+                let slot = VerifyError::REASONS
+                    .iter()
+                    .position(|r| *r == reason)
+                    .unwrap_or(VERIFY_REASONS - 1);
+                if let Some(suppressed) = self.verify_log[slot].allow() {
+                    // The error names the URLs tried: what an operator needs to find a wrong
+                    // `public_url`, kept out of the response.
+                    tracing::warn!(parent: span, status = status.as_u16(), reason, suppressed, error = %rejection, "request refused: not proven to come from Twilio (at most one line a second per reason; `suppressed` counts the others)");
+                }
             }
             Rejection::Overloaded => self.shed(reason),
             Rejection::Delivery(undelivered) => {
@@ -607,7 +624,15 @@ impl Ingress {
                 tracing::warn!(parent: span, status = status.as_u16(), reason, error = %rejection, "request refused");
             }
         }
-        let body = serde_json::json!({ "error": reason, "message": rejection.to_string() });
+        // A verification failure says why, never which URLs were tried: they are built from
+        // the client's Host header and would disclose `public_url`.
+        let message = match rejection {
+            Rejection::Verification(_) => {
+                "the request is not signed by Twilio for this URL".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let body = serde_json::json!({ "error": reason, "message": message });
         let mut response = json_response(status, body.to_string());
         match rejection {
             Rejection::Delivery(_) | Rejection::Overloaded => {

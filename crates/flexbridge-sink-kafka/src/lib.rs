@@ -298,6 +298,9 @@ pub struct KafkaPlan {
 /// `flexbridge_sink_queue_depth{sink}`.
 const QUEUE_DEPTH: &str = "flexbridge_sink_queue_depth";
 
+/// Longest topic name Kafka accepts.
+pub const MAX_TOPIC: usize = 249;
+
 /// Makes a value topic-safe: characters outside `[A-Za-z0-9._-]` become `_`.
 pub fn topic_value(value: &str, out: &mut String) {
     out.extend(value.chars().map(|c| {
@@ -546,6 +549,17 @@ impl Sink for KafkaSink {
 
     async fn publish(&self, event: &Event) -> Result<(), SinkError> {
         let topic = self.topic.render_with(event, topic_value);
+        // Kafka refuses a topic name over 249 characters; a template with long values can
+        // render one, and it never fits.
+        if topic.len() > MAX_TOPIC || topic.is_empty() || topic == "." || topic == ".." {
+            return Err(SinkError::permanent(
+                "invalid_topic",
+                format!(
+                    "the rendered topic ({} characters) is not a valid Kafka topic name",
+                    topic.len()
+                ),
+            ));
+        }
         let key = match &self.key {
             Some(template) => std::borrow::Cow::Owned(template.render(event)),
             None => std::borrow::Cow::Borrowed(event.partition_key()),
@@ -628,6 +642,18 @@ impl Sink for KafkaSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Whatever a parameter holds, the topic text it renders uses only Kafka's legal
+        /// characters (the length is checked when publishing).
+        #[test]
+        fn every_value_renders_legal_topic_characters(value in "\\PC{0,40}") {
+            let mut out = String::new();
+            topic_value(&value, &mut out);
+            proptest::prop_assert!(out.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')), "{out:?}");
+            proptest::prop_assert_eq!(out.chars().count(), value.chars().count());
+        }
+    }
 
     #[test]
     fn secret_properties_never_print() {

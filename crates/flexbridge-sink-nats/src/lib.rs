@@ -56,6 +56,11 @@ const HEADER_VALUE: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'%');
 /// Makes a value one safe subject token: `.`, `*`, `>`, white space, control and non-ASCII
 /// characters become `_`.
 pub fn subject_token(value: &str, out: &mut String) {
+    // An empty token (`a..b`) makes the subject invalid.
+    if value.is_empty() {
+        out.push('_');
+        return;
+    }
     out.extend(value.chars().map(|c| {
         if c.is_ascii_graphic() && !matches!(c, '.' | '*' | '>') {
             c
@@ -64,6 +69,10 @@ pub fn subject_token(value: &str, out: &mut String) {
         }
     }));
 }
+
+/// Longest subject published: the server's default `max_control_line` is 4 KiB for the
+/// whole `HPUB <subject> <reply> <sizes>` line.
+pub const MAX_SUBJECT: usize = 3800;
 
 /// The subject pattern events of `kind` go to: placeholders other than `{event}` become `*`,
 /// and a token that mixes a placeholder with text becomes `*` as a whole.
@@ -331,6 +340,16 @@ impl Sink for NatsSink {
             ));
         }
         let subject = self.subject.render_with(event, subject_token);
+        // The server refuses a protocol line over its max_control_line (4 KiB by default).
+        if subject.len() > MAX_SUBJECT {
+            return Err(SinkError::permanent(
+                "invalid_subject",
+                format!(
+                    "the subject is {} bytes; at most {MAX_SUBJECT} fit a NATS protocol line",
+                    subject.len()
+                ),
+            ));
+        }
         let (headers, payload) = self.encode(event);
         match &self.jetstream {
             Some(js) => {
@@ -421,6 +440,18 @@ impl Sink for NatsSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Whatever a parameter holds, its subject token is one valid, non-empty token: no
+        /// separator, wildcard, white space or control character.
+        #[test]
+        fn every_value_renders_one_valid_subject_token(value in "\\PC{0,40}|[ .*>\t]{0,4}") {
+            let mut out = String::new();
+            subject_token(&value, &mut out);
+            proptest::prop_assert!(!out.is_empty());
+            proptest::prop_assert!(out.chars().all(|c| c.is_ascii_graphic() && !matches!(c, '.' | '*' | '>')), "{out:?}");
+        }
+    }
 
     #[test]
     fn subject_tokens_are_safe() {

@@ -88,6 +88,9 @@ impl RabbitMqSink {
     }
 }
 
+/// Longest routing key AMQP 0-9-1 can carry (a short string).
+pub const MAX_ROUTING_KEY: usize = 255;
+
 /// Makes a value safe inside a routing key: `.` and white space become `_`.
 pub fn routing_key_value(value: &str, out: &mut String) {
     out.extend(value.chars().map(|c| {
@@ -219,6 +222,17 @@ impl Sink for RabbitMqSink {
     async fn publish(&self, event: &Event) -> Result<(), SinkError> {
         let link = self.current()?;
         let routing_key = self.routing_key.render_with(event, routing_key_value);
+        // AMQP's short string: the broker (and the encoder) refuse more than 255 bytes. A
+        // custom template with long values can produce one; it never fits, so it is permanent.
+        if routing_key.len() > MAX_ROUTING_KEY {
+            return Err(SinkError::permanent(
+                "invalid_routing_key",
+                format!(
+                    "the routing key is {} bytes; AMQP allows at most {MAX_ROUTING_KEY}",
+                    routing_key.len()
+                ),
+            ));
+        }
         let encoded = Binding::Amqp.encode(event, self.content_mode);
         let confirm = link
             .channel
@@ -508,6 +522,17 @@ async fn declare(channel: &Channel, config: &RabbitMqSinkConfig) -> Result<(), l
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// Whatever a parameter holds, it stays one word of the routing key (no `.`, white
+        /// space or control character), so topic-exchange bindings cannot be fooled.
+        #[test]
+        fn every_value_stays_one_routing_key_word(value in "\\PC{0,40}|[ .\t]{0,4}") {
+            let mut out = String::new();
+            routing_key_value(&value, &mut out);
+            proptest::prop_assert!(!out.contains('.') && !out.chars().any(|c| c.is_whitespace() || c.is_control()), "{out:?}");
+        }
+    }
 
     #[test]
     fn the_heartbeat_goes_into_the_uri_unless_it_names_one() {

@@ -212,6 +212,24 @@ async fn an_unroutable_message_is_an_error_not_a_success() {
     );
 }
 
+/// A custom routing key template whose rendering exceeds AMQP's 255 bytes is refused for
+/// good before it reaches the encoder or the broker, and the channel stays usable.
+#[tokio::test]
+async fn a_routing_key_over_255_bytes_is_a_permanent_error() {
+    let t = Topology::new();
+    let mut c = config(broker_url(), &t.exchange, Some(t.declare(BTreeMap::new())));
+    c.routing_key = ["{interaction}"; 9].join("-");
+    let (sink, _) = open(&c).await;
+    sink.health().await.unwrap();
+    let err = sink
+        .publish(&event(EventKind::InteractionCreated, 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "invalid_routing_key", "{err}");
+    assert!(!err.is_retryable());
+    sink.health().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_broker_nack_is_an_error() {
     let t = Topology::new();

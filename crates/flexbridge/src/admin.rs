@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics`.
 
+use crate::config::AdminConfig;
 use bytes::Bytes;
 use flexbridge_core::Delivery;
 use flexbridge_core::{normalize, Attestation, Verified, WebhookRequest};
@@ -8,7 +9,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, TextEncoder};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,14 +19,24 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// Why a sink is not healthy: a short reason anyone may see, and the message (hosts, user
+/// names, broker errors) served to loopback only.
+#[derive(Clone, PartialEq)]
+struct Problem {
+    reason: String,
+    message: String,
+}
+
 /// What the admin endpoints report.
 pub struct AdminState {
     registry: prometheus::Registry,
     delivery: Arc<Delivery>,
     /// Set when shutdown starts: readiness turns false.
     pub draining: AtomicBool,
-    /// Each sink's last health result: name and error, if any.
-    sinks: RwLock<Vec<(String, Option<String>)>>,
+    /// `flexbridge_admin_connections_refused_total`: connections over `admin.max_connections`.
+    admin_refused: prometheus::IntCounter,
+    /// Each sink's last health result: name and problem, if any.
+    sinks: RwLock<Vec<(String, Option<Problem>)>>,
     /// In spool mode, readiness follows the spool accepting writes, not the brokers: a broker
     /// blip must not take every replica out of the Service.
     spool: Option<Arc<Spool>>,
@@ -39,23 +50,35 @@ impl AdminState {
         registry: prometheus::Registry,
         delivery: Arc<Delivery>,
         spooling: Option<(Arc<Spool>, Arc<Runner>)>,
-    ) -> Self {
+    ) -> Result<Self, prometheus::Error> {
+        let admin_refused = prometheus::IntCounter::new(
+            "flexbridge_admin_connections_refused_total",
+            "Admin listener connections closed at once: admin.max_connections were open.",
+        )?;
+        registry.register(Box::new(admin_refused.clone()))?;
         let (spool, runner) = match spooling {
             Some((spool, runner)) => (Some(spool), Some(runner)),
             None => (None, None),
         };
         let sinks = delivery
             .sinks()
-            .map(|s| (s.name().to_owned(), Some("not checked yet".to_owned())))
+            .map(|s| {
+                let problem = Problem {
+                    reason: "not_checked".to_owned(),
+                    message: "not checked yet".to_owned(),
+                };
+                (s.name().to_owned(), Some(problem))
+            })
             .collect();
-        Self {
+        Ok(Self {
             registry,
+            admin_refused,
             delivery,
             draining: AtomicBool::new(false),
             sinks: RwLock::new(sinks),
             spool,
             runner,
-        }
+        })
     }
 
     /// Runs every sink's health check and records the results, logging changes.
@@ -71,10 +94,13 @@ impl AdminState {
             return;
         };
         for ((name, previous), (_, result)) in sinks.iter_mut().zip(results) {
-            let now = result.err().map(|e| e.to_string());
+            let now = result.err().map(|e| Problem {
+                reason: e.reason().to_owned(),
+                message: e.to_string(),
+            });
             match (&previous, &now) {
-                (None, Some(error)) => {
-                    tracing::warn!(sink = %name, %error, "sink became unhealthy")
+                (None, Some(problem)) => {
+                    tracing::warn!(sink = %name, error = %problem.message, "sink became unhealthy")
                 }
                 (Some(_), None) => tracing::info!(sink = %name, "sink is healthy"),
                 _ => {}
@@ -91,7 +117,9 @@ impl AdminState {
             .unwrap_or(false)
     }
 
-    fn readiness(&self) -> (bool, String) {
+    /// Readiness and its JSON body. `detailed` (a loopback client) adds the error messages,
+    /// which may name hosts and users; anyone else gets the sink names and short reasons.
+    fn readiness(&self, detailed: bool) -> (bool, String) {
         let draining = self.draining.load(Ordering::SeqCst);
         let sinks = self.sinks.read().map(|s| s.clone()).unwrap_or_default();
         let sinks_healthy = sinks.iter().all(|(_, error)| error.is_none());
@@ -100,19 +128,36 @@ impl AdminState {
             Some(check) => check.is_ok(),
             None => sinks_healthy,
         };
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "ready": healthy && !draining,
             "draining": draining,
-            "spool": spool.map(|check| serde_json::json!({
+            "spool": spool.as_ref().map(|check| serde_json::json!({
                 "writable": check.is_ok(),
-                "error": check.err().map(|e| e.to_string()),
             })),
-            "sinks": sinks.iter().map(|(name, error)| serde_json::json!({
+            "sinks": sinks.iter().map(|(name, problem)| serde_json::json!({
                 "name": name,
-                "healthy": error.is_none(),
-                "error": error,
+                "healthy": problem.is_none(),
+                "reason": problem.as_ref().map(|p| p.reason.as_str()),
             })).collect::<Vec<_>>(),
         });
+        if detailed {
+            if let Some(check) = &spool {
+                body["spool"]["error"] = check
+                    .as_ref()
+                    .err()
+                    .map_or(serde_json::Value::Null, |e| e.to_string().into());
+            }
+            for (value, (_, problem)) in body["sinks"]
+                .as_array_mut()
+                .into_iter()
+                .flatten()
+                .zip(&sinks)
+            {
+                value["error"] = problem
+                    .as_ref()
+                    .map_or(serde_json::Value::Null, |p| p.message.clone().into());
+            }
+        }
         (healthy && !draining, body.to_string())
     }
 }
@@ -149,19 +194,36 @@ const STARTUP_WINDOW: Duration = Duration::from_secs(30);
 const STARTUP_RECHECK: Duration = Duration::from_millis(100);
 
 /// Serves the admin endpoints until `finished` turns true (after the drain, so readiness
-/// stays observable during shutdown).
+/// stays observable during shutdown). At most `config.max_connections` are open at once; a
+/// connection beyond it is closed at once, and one that does not send its headers within
+/// `config.header_read_timeout` is closed.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
+    config: AdminConfig,
     mut finished: watch::Receiver<bool>,
 ) {
+    let open = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    let refused_log = std::sync::atomic::AtomicU64::new(0);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = finished.wait_for(|f| *f) => return,
         };
         match accepted {
-            Ok((stream, peer)) => spawn(stream, peer, &state),
+            Ok((stream, peer)) => match Arc::clone(&open).try_acquire_owned() {
+                Ok(permit) => spawn(stream, peer, &state, config.header_read_timeout, permit),
+                Err(_) => {
+                    drop(stream);
+                    state.admin_refused.inc();
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    if refused_log.swap(now, Ordering::Relaxed) != now {
+                        tracing::warn!(%peer, max_connections = config.max_connections, "admin listener: too many open connections; closing new ones (at most one line a second)");
+                    }
+                }
+            },
             Err(error) => {
                 tracing::warn!(%error, "admin listener: accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -170,7 +232,13 @@ pub async fn serve(
     }
 }
 
-fn spawn(stream: tokio::net::TcpStream, peer: SocketAddr, state: &Arc<AdminState>) {
+fn spawn(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    state: &Arc<AdminState>,
+    header_read_timeout: Duration,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let state = Arc::clone(state);
     tokio::spawn(async move {
         let service = service_fn(move |request| {
@@ -178,8 +246,11 @@ fn spawn(stream: tokio::net::TcpStream, peer: SocketAddr, state: &Arc<AdminState
             async move { Ok::<_, Infallible>(route(&state, &request, peer).await) }
         });
         let _ = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
             .serve_connection(TokioIo::new(stream), service)
             .await;
+        drop(permit);
     });
 }
 
@@ -198,7 +269,7 @@ async fn route<B>(
     match path {
         "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
         "/readyz" => {
-            let (ready, body) = state.readiness();
+            let (ready, body) = state.readiness(peer.ip().is_loopback());
             let status = if ready {
                 StatusCode::OK
             } else {

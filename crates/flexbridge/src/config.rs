@@ -90,6 +90,13 @@ pub struct AdminConfig {
     /// Limit for one sink health check.
     #[serde(with = "humantime_serde")]
     pub health_timeout: Duration,
+    /// Open connections at most; a connection beyond it is closed at once, so idle or slow
+    /// clients cannot take the descriptors the webhook listener needs.
+    pub max_connections: usize,
+    /// A connection that has not sent a request's headers within this time is closed
+    /// (slowloris).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for AdminConfig {
@@ -98,6 +105,8 @@ impl Default for AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             health_interval: Duration::from_secs(5),
             health_timeout: Duration::from_secs(2),
+            max_connections: 64,
+            header_read_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -499,10 +508,17 @@ pub fn validate(config: &AppConfig) -> Vec<String> {
     for (key, value) in [
         ("admin.health_interval", config.admin.health_interval),
         ("admin.health_timeout", config.admin.health_timeout),
+        (
+            "admin.header_read_timeout",
+            config.admin.header_read_timeout,
+        ),
     ] {
         if value.is_zero() {
             errors.push(format!("{key}: must be greater than zero"));
         }
+    }
+    if config.admin.max_connections == 0 {
+        errors.push("admin.max_connections: must be at least 1".to_owned());
     }
     errors.extend(validate_webhooks(&config.webhooks));
     let limits = config.limits();

@@ -114,18 +114,22 @@ pub async fn start_on(
     let ingress_addr = ingress_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let state = Arc::new(AdminState::new(
-        registry,
-        Arc::clone(&delivery),
-        spooling
-            .as_ref()
-            .map(|(spool, runner)| (Arc::clone(spool), Arc::clone(runner))),
-    ));
+    let state = Arc::new(
+        AdminState::new(
+            registry,
+            Arc::clone(&delivery),
+            spooling
+                .as_ref()
+                .map(|(spool, runner)| (Arc::clone(spool), Arc::clone(runner))),
+        )
+        .context("registering the admin metrics")?,
+    );
     let (stop, stopped) = watch::channel(false);
     let (finished, admin_until) = watch::channel(false);
     tokio::spawn(admin::serve(
         admin_listener,
         Arc::clone(&state),
+        config.admin.clone(),
         admin_until,
     ));
     tokio::spawn(admin::health_loop(
