@@ -33,6 +33,9 @@ fi
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests in tests/ start the real binary.
 cargo build --locked -p flexbridge
+# The fuzz targets, briefly, plus every input that once crashed one (scripts/fuzz.sh runs
+# them for real, outside CI).
+scripts/fuzz.sh --smoke
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --profile ci
 else

@@ -688,7 +688,7 @@ fn content_type(headers: &HeaderMap) -> ContentType {
 
 /// A JSON body's top-level members as parameters: strings as they are, numbers and booleans
 /// as their JSON text, arrays as repeated parameters, nested objects as JSON text, null skipped.
-fn json_params(body: &[u8]) -> Result<Vec<(String, String)>, Rejection> {
+pub fn json_params(body: &[u8]) -> Result<Vec<(String, String)>, Rejection> {
     use serde_json::Value;
     let object: serde_json::Map<String, Value> =
         serde_json::from_slice(body).map_err(|e| Rejection::InvalidJson(e.to_string()))?;

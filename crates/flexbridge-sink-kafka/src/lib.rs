@@ -298,6 +298,21 @@ pub struct KafkaPlan {
 /// `flexbridge_sink_queue_depth{sink}`.
 const QUEUE_DEPTH: &str = "flexbridge_sink_queue_depth";
 
+/// The topic of every event kind, when the template has no placeholder but `{event}`;
+/// empty when a topic depends on the event's values.
+fn fixed_topics(template: &Template) -> Vec<String> {
+    let mut topics: Vec<String> = flexbridge_core::EventKind::ALL
+        .iter()
+        .map(|kind| template.pattern(kind.short_name(), "*"))
+        .collect();
+    if topics.iter().any(|t| t.contains('*')) {
+        return Vec::new();
+    }
+    topics.sort();
+    topics.dedup();
+    topics
+}
+
 /// Longest topic name Kafka accepts.
 pub const MAX_TOPIC: usize = 249;
 
@@ -365,6 +380,9 @@ pub struct KafkaSink {
     content_mode: ContentMode,
     message_timeout: Duration,
     queue_depth: Gauge,
+    /// The topics every event goes to when the template has no placeholder but `{event}`:
+    /// the health check asks the broker for each.
+    check_topics: Vec<String>,
 }
 
 #[async_trait]
@@ -388,6 +406,7 @@ impl SinkConfig for KafkaSinkConfig {
     async fn build(&self, plan: KafkaPlan, context: &SinkContext) -> Result<KafkaSink, BuildError> {
         let config = self;
         let client = config.client_config();
+        let check_topics = fixed_topics(&plan.topic);
         let failures = Arc::new(FailureLog::new(config.name.clone()));
         let log_context = LogContext {
             failures: Arc::clone(&failures),
@@ -403,6 +422,7 @@ impl SinkConfig for KafkaSinkConfig {
             rebuilds: context.shared().reconnections,
             topic: plan.topic,
             key: plan.key,
+            check_topics,
             content_mode: config.content_mode,
             message_timeout: config.message_timeout,
             queue_depth: context.gauge(
@@ -609,22 +629,48 @@ impl Sink for KafkaSink {
                 format!("the producer hit a fatal error and was replaced: {reason}"),
             ));
         }
-        // fetch_metadata blocks: keep it off the runtime's workers.
-        tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(None, Duration::from_secs(2))
-                .map(|_| ())
+        // fetch_metadata blocks: keep it off the runtime's workers. With topics known in
+        // advance (no placeholder but `{event}`), each is asked for: a missing topic makes
+        // every event of its kind fail, so it shows here rather than at the first event.
+        let topics = self.check_topics.clone();
+        let missing = tokio::task::spawn_blocking(move || {
+            let client = producer.client();
+            if topics.is_empty() {
+                return client
+                    .fetch_metadata(None, Duration::from_secs(2))
+                    .map(|_| None);
+            }
+            for topic in &topics {
+                let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(2))?;
+                let absent = metadata.topics().iter().any(|t| {
+                    t.name() == topic
+                        && t.error().is_some_and(|e| {
+                            RDKafkaErrorCode::from(e) == RDKafkaErrorCode::UnknownTopicOrPartition
+                        })
+                });
+                if absent {
+                    return Ok(Some(topic.clone()));
+                }
+            }
+            Ok(None)
         })
         .await
         .map_err(|e| SinkError::retryable("health_check", e.to_string()))?
-        .map_err(|e| {
+        .map_err(|e: KafkaError| {
             SinkError::retryable(
                 "broker_down",
                 format!("no Kafka broker answered a metadata request: {e}"),
             )
             .with_source(e)
         })?;
+        if let Some(topic) = missing {
+            return Err(SinkError::permanent(
+                "unknown_topic",
+                format!(
+                    "topic {topic} does not exist (create it, or let the broker create topics)"
+                ),
+            ));
+        }
         self.failures.success();
         Ok(())
     }

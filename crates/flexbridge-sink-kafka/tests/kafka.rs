@@ -357,6 +357,27 @@ async fn tls_to_the_broker_verifies_the_configured_ca() {
     }
 }
 
+/// With the default kind of template (only `{event}`), the health check asks for every topic:
+/// a missing one shows as unhealthy before any event fails, and healthy once created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_a_missing_topic_until_it_exists() {
+    let prefix = unique("fbtest-health.");
+    let sink = connect(&config(brokers(), format!("{prefix}.{{event}}"))).await;
+    let err = sink.health().await.unwrap_err();
+    assert_eq!(err.reason(), "unknown_topic", "{err}");
+    assert!(err.to_string().contains(&prefix), "{err}");
+    let topics: Vec<String> = EventKind::ALL
+        .iter()
+        .map(|k| format!("{prefix}.{}", k.short_name()))
+        .collect();
+    create_topics(&topics).await;
+    let started = std::time::Instant::now();
+    while let Err(e) = sink.health().await {
+        assert!(started.elapsed() < Duration::from_secs(10), "{e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_topic_is_a_permanent_error() {
     let mut c = config(brokers(), unique("fbtest-missing."));

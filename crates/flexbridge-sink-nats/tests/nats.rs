@@ -201,6 +201,25 @@ async fn every_event_type_round_trips_in_binary_and_structured_mode() {
     }
 }
 
+/// A connection that goes silent is noticed by the ping (1 s here) and re-opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_noticed_by_the_ping_and_recovers() {
+    let stream = TestStream::create(Duration::from_secs(60)).await;
+    let proxy = TcpProxy::start(server_addr()).await;
+    let mut c = config(
+        format!("nats://{}", proxy.addr),
+        format!("{}.{{event}}", stream.prefix),
+    );
+    c.ping_interval = Duration::from_secs(1);
+    let (sink, _) = connected(&c).await;
+    flexbridge_testkit::silent_link_is_noticed_and_recovered(
+        Arc::new(sink),
+        &proxy,
+        Duration::from_secs(1),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn the_same_event_twice_is_stored_once_and_counted_as_duplicate() {
     let stream = TestStream::create(Duration::from_secs(60)).await;

@@ -281,7 +281,16 @@ impl Sink for RabbitMqSink {
     }
 
     async fn health(&self) -> Result<(), SinkError> {
-        self.current().map(|_| ())
+        let link = self.current()?;
+        // A memory or disk alarm blocks every publishing connection (`connection.blocked`):
+        // publishes then wait without an error, so it must show here.
+        if link.connection.status().blocked() {
+            return Err(SinkError::retryable(
+                "blocked",
+                "RabbitMQ has blocked this connection (a memory or disk alarm on the broker); publishes wait until it is lifted",
+            ));
+        }
+        Ok(())
     }
 
     async fn drain(&self) -> Result<(), SinkError> {

@@ -230,6 +230,27 @@ async fn a_routing_key_over_255_bytes_is_a_permanent_error() {
     sink.health().await.unwrap();
 }
 
+/// A connection that goes silent is noticed by the heartbeat (1 s here) and re-opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_noticed_by_the_heartbeat_and_recovers() {
+    let t = Topology::new();
+    let proxy = TcpProxy::start(broker_addr()).await;
+    let mut c = config(
+        via(proxy.addr),
+        &t.exchange,
+        Some(t.declare(BTreeMap::new())),
+    );
+    c.heartbeat = Duration::from_secs(1);
+    let (sink, _) = open(&c).await;
+    sink.health().await.unwrap();
+    flexbridge_testkit::silent_link_is_noticed_and_recovered(
+        Arc::new(sink),
+        &proxy,
+        Duration::from_secs(1),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_broker_nack_is_an_error() {
     let t = Topology::new();

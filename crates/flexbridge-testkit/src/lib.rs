@@ -251,6 +251,50 @@ pub async fn assert_publishes_pipelined(sink: Arc<dyn Sink>, proxy: &TcpProxy) {
     );
 }
 
+/// The sink contract for a link that goes silent (a dead NAT entry, a node lost without a
+/// reset: bytes dropped, no FIN): with a keep-alive `period` (RabbitMQ heartbeat, NATS ping
+/// interval), the sink's health turns unhealthy within two periods plus a margin for the
+/// check itself, and healthy again by itself once traffic flows. Returns how long it took to
+/// notice.
+pub async fn silent_link_is_noticed_and_recovered(
+    sink: Arc<dyn Sink>,
+    proxy: &TcpProxy,
+    period: Duration,
+) -> Duration {
+    let healthy = |sink: Arc<dyn Sink>| async move {
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), sink.health()).await,
+            Ok(Ok(()))
+        )
+    };
+    assert!(
+        healthy(Arc::clone(&sink)).await,
+        "not healthy before the fault"
+    );
+    proxy.blackhole();
+    let started = tokio::time::Instant::now();
+    let limit = period * 2 + Duration::from_secs(3);
+    while healthy(Arc::clone(&sink)).await {
+        assert!(
+            started.elapsed() < limit,
+            "a silent link went unnoticed for {:?} (keep-alive period {period:?})",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let noticed = started.elapsed();
+    proxy.restore();
+    let restored = tokio::time::Instant::now();
+    while !healthy(Arc::clone(&sink)).await {
+        assert!(
+            restored.elapsed() < Duration::from_secs(15),
+            "not healthy again 15 s after the link came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    noticed
+}
+
 /// The sink contract when the connection is cut under load: three rounds of 40 concurrent
 /// publishes, the proxy holding answers back 100 ms and cutting every connection during the
 /// second. Every failure must be
