@@ -174,3 +174,64 @@ fn readyz_names_the_unhealthy_sink_without_hosts_or_users_unless_asked_on_loopba
         assert!(!text.contains(secret), "{secret} in {text}");
     }
 }
+
+/// Thousands of idle connections on the webhook listener: beyond `ingress.max_connections`
+/// each new one is answered 503 and closed at once, the daemon's descriptors stay bounded by
+/// the cap, its memory barely moves, and a real request is served once the idle ones go.
+#[test]
+fn thousands_of_idle_connections_are_capped_with_bounded_descriptors_and_memory() {
+    let daemon = Daemon::start(&config(
+        "[ingress]\nlisten = \"127.0.0.1:0\"\nmax_connections = 100\nheader_read_timeout = \"30s\"\n",
+    ));
+    let (fds_before, rss_before) = daemon.fds_and_rss_kib();
+    let streams: Vec<TcpStream> = (0..3000)
+        .map(|_| TcpStream::connect(daemon.ingress).unwrap())
+        .collect();
+    // Over the cap, the 503 arrives at once; under it, nothing does.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut idle = Vec::new();
+    let mut refused = 0;
+    for mut stream in streams {
+        stream.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        match stream.read(&mut buf) {
+            Ok(n) if n > 0 => {
+                assert!(
+                    buf.starts_with(b"HTTP/1.1 503"),
+                    "{:?}",
+                    String::from_utf8_lossy(&buf[..n])
+                );
+                refused += 1;
+            }
+            _ => idle.push(stream),
+        }
+    }
+    let (fds, rss) = daemon.fds_and_rss_kib();
+    assert!(refused >= 2800, "only {refused} of 3000 refused (cap 100)");
+    assert!(
+        fds <= fds_before + 110,
+        "descriptors {fds_before} -> {fds} with a cap of 100"
+    );
+    assert!(
+        rss <= rss_before + 16 * 1024,
+        "RSS {rss_before} KiB -> {rss} KiB"
+    );
+    assert!(
+        daemon.metric("flexbridge_http_rejections_total{reason=\"too_many_connections\"}")
+            >= refused as f64 - 1.0
+    );
+    drop(idle);
+    let started = Instant::now();
+    loop {
+        let response = get(daemon.ingress, "/nope");
+        if response.status == 404 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{}",
+            response.status
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

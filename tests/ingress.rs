@@ -510,3 +510,111 @@ fn a_flood_of_forged_signatures_is_counted_not_echoed_and_its_log_is_rate_limite
         "every refusal is either logged or counted in `suppressed`"
     );
 }
+
+/// A self-signed certificate for 127.0.0.1 (and localhost), written as `name.pem`/`name.key`.
+fn certificate(dir: &std::path::Path, name: &str) {
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", &format!("/CN={name}")])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(dir.join(format!("{name}.key")))
+        .arg("-out")
+        .arg(dir.join(format!("{name}.pem")))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success());
+}
+
+/// `curl` over TLS trusting `ca`: the HTTP status, or None when the handshake fails.
+fn curl_tls(url: &str, ca: &std::path::Path, signature: &str, body: &str) -> Option<u16> {
+    let output = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ])
+        .arg("--cacert")
+        .arg(ca)
+        .args(["-H", &format!("X-Twilio-Signature: {signature}")])
+        .args(["-H", "Content-Type: application/x-www-form-urlencoded"])
+        .args(["--data-binary", body])
+        .arg(url)
+        .output()
+        .expect("curl");
+    let code: u16 = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .ok()?;
+    (code != 0).then_some(code)
+}
+
+/// The listener terminates TLS itself with a certificate from files, signs against the
+/// https URL, and serves a renewed certificate without a restart.
+#[test]
+fn the_listener_terminates_tls_and_picks_up_a_renewed_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    certificate(certs.path(), "first");
+    certificate(certs.path(), "second");
+    let (cert, key) = (certs.path().join("live.pem"), certs.path().join("live.key"));
+    std::fs::copy(certs.path().join("first.pem"), &cert).unwrap();
+    std::fs::copy(certs.path().join("first.key"), &key).unwrap();
+    let daemon = Daemon::start(&file_sink_config(&format!(
+        "[ingress]\nlisten = \"127.0.0.1:0\"\n[ingress.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nreload_interval = \"200ms\"\n",
+        cert.display(),
+        key.display()
+    )));
+    let url = format!("https://127.0.0.1:{}{PATH}", daemon.ingress.port());
+    let send = |n: u32, ca: &std::path::Path| {
+        let params = status_updated(&format!("KD{n:032x}"), "active");
+        let signature = sign(Algorithm::HmacSha1, TOKEN, &url, &params);
+        curl_tls(&url, ca, &signature, &form_encode(&params))
+    };
+    assert_eq!(send(1, &certs.path().join("first.pem")), Some(200));
+    // Plain HTTP on the TLS port gets no answer.
+    let mut plain = TcpStream::connect(daemon.ingress).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    plain
+        .write_all(b"GET /flex/interactions HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(!answer.starts_with(b"HTTP/1.1 200"));
+
+    // Renewal: new files in place; the next connections get the new certificate.
+    std::thread::sleep(Duration::from_millis(1100)); // a distinct modification time
+    std::fs::copy(certs.path().join("second.key"), &key).unwrap();
+    std::fs::copy(certs.path().join("second.pem"), &cert).unwrap();
+    let started = Instant::now();
+    while send(2, &certs.path().join("second.pem")) != Some(200) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the renewed certificate is not served"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        send(3, &certs.path().join("first.pem")),
+        None,
+        "the old certificate is still served"
+    );
+    daemon.wait_for_log("the reload", |l| {
+        l["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("serving the new certificate")
+    });
+    assert_eq!(
+        read_events(&daemon.dir.path().join("events.jsonl")).len(),
+        2
+    );
+}

@@ -316,6 +316,26 @@ impl Daemon {
         format!("http://{}{path_and_query}", self.ingress)
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Open file descriptors and resident memory (KiB) of the daemon, from /proc.
+    pub fn fds_and_rss_kib(&self) -> (usize, u64) {
+        let pid = self.pid();
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+        let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0);
+        (fds, rss)
+    }
+
     /// Log lines so far.
     pub fn logs(&self) -> Vec<serde_json::Value> {
         self.logs.lock().unwrap().clone()

@@ -38,6 +38,27 @@ pub struct IngressConfig {
     /// Open connections; beyond it a new connection is answered 503 + `Retry-After` and
     /// closed.
     pub max_connections: usize,
+    /// `[ingress.tls]`: terminate TLS here, for deployments without an ingress or load
+    /// balancer doing it. Unset: plain HTTP.
+    pub tls: Option<ListenerTls>,
+}
+
+/// `[ingress.tls]`: the listener's certificate, re-read when its files change (a renewed
+/// certificate is picked up without a restart).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: std::path::PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: std::path::PathBuf,
+    /// How often the files are checked for a change.
+    #[serde(default = "default_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(10)
 }
 
 impl Default for IngressConfig {
@@ -53,6 +74,7 @@ impl Default for IngressConfig {
             retry_after: Duration::from_secs(5),
             max_in_flight: 1024,
             max_connections: 2048,
+            tls: None,
         }
     }
 }

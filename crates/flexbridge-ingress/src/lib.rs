@@ -5,7 +5,8 @@ pub mod config;
 pub mod form;
 pub mod server;
 pub mod signature;
+pub mod tls;
 
-pub use config::{IngressConfig, TwilioConfig};
+pub use config::{IngressConfig, ListenerTls, TwilioConfig};
 pub use server::{Ingress, IngressError, Rejection, Undelivered};
 pub use signature::{sign, Algorithm, Signed, Verifier, VerifyError};

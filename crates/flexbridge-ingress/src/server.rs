@@ -153,11 +153,16 @@ pub enum IngressError {
     /// Invalid settings.
     #[error("invalid ingress settings: {}", .0.join("; "))]
     Config(Vec<String>),
+    /// `[ingress.tls]`: the certificate or key cannot be used.
+    #[error("ingress.tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The webhook handler and its listener.
 pub struct Ingress {
     config: IngressConfig,
+    /// `[ingress.tls]`: TLS terminated here.
+    tls: Option<crate::tls::ReloadingTls>,
     verifier: Option<Verifier>,
     account_sids: HashSet<String>,
     intake: Arc<dyn Intake>,
@@ -252,7 +257,13 @@ impl Ingress {
         for reason in VerifyError::REASONS.iter().chain(&["account_not_allowed"]) {
             metrics.verification_failures.with_label_values(&[reason]);
         }
+        let tls = config
+            .tls
+            .as_ref()
+            .map(crate::tls::ReloadingTls::load)
+            .transpose()?;
         Ok(Self {
+            tls,
             ok_counter: metrics.http_requests.with_label_values(&["200"]),
             ok_duration: metrics.http_duration.with_label_values(&["200"]),
             event_counters: EventKind::ALL
@@ -313,6 +324,24 @@ impl Ingress {
         grace: Duration,
     ) -> bool {
         let graceful = GracefulShutdown::new();
+        if let Some(tls) = &self.tls {
+            let interval = tls.reload_interval();
+            let this = Arc::downgrade(&self);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(interval).await;
+                    let Some(ingress) = this.upgrade() else {
+                        return;
+                    };
+                    let Some(tls) = &ingress.tls else { return };
+                    match tls.reload_if_changed() {
+                        Ok(true) => tracing::info!("ingress.tls: the certificate files changed; serving the new certificate"),
+                        Ok(false) => {}
+                        Err(error) => tracing::error!(%error, "ingress.tls: the changed certificate cannot be used; still serving the previous one"),
+                    }
+                }
+            });
+        }
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -341,13 +370,42 @@ impl Ingress {
                             let this = Arc::clone(&this);
                             async move { Ok::<_, Infallible>(this.handle(request).await) }
                         });
-                        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-                        tokio::spawn(async move {
-                            let _open = Count(&connections);
-                            if let Err(error) = connection.await {
-                                tracing::debug!(%error, "connection ended with an error");
+                        match self.tls.as_ref().map(crate::tls::ReloadingTls::acceptor) {
+                            None => {
+                                let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                                tokio::spawn(async move {
+                                    let _open = Count(&connections);
+                                    if let Err(error) = connection.await {
+                                        tracing::debug!(%error, "connection ended with an error");
+                                    }
+                                });
                             }
-                        });
+                            Some(acceptor) => {
+                                // The handshake runs in the connection's task, bounded like
+                                // the headers, so a slow client cannot hold the accept loop.
+                                let watcher = graceful.watcher();
+                                let builder = builder.clone();
+                                let timeout = self.config.header_read_timeout;
+                                tokio::spawn(async move {
+                                    let _open = Count(&connections);
+                                    let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                                        Ok(Ok(stream)) => stream,
+                                        Ok(Err(error)) => {
+                                            tracing::debug!(%error, "TLS handshake failed");
+                                            return;
+                                        }
+                                        Err(_) => {
+                                            tracing::debug!("TLS handshake timed out");
+                                            return;
+                                        }
+                                    };
+                                    let connection = watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
+                                    if let Err(error) = connection.await {
+                                        tracing::debug!(%error, "connection ended with an error");
+                                    }
+                                });
+                            }
+                        }
                     }
                     Err(error) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -559,7 +617,8 @@ impl Ingress {
         match &self.config.public_url {
             Some(base) => format!("{}{path_and_query}", base.trim_end_matches('/')),
             None => format!(
-                "http://{}{path_and_query}",
+                "{}://{}{path_and_query}",
+                if self.tls.is_some() { "https" } else { "http" },
                 header("host").unwrap_or("localhost")
             ),
         }

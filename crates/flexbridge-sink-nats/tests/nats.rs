@@ -220,6 +220,64 @@ async fn a_silent_connection_is_noticed_by_the_ping_and_recovers() {
     .await;
 }
 
+/// A NATS server of the test's own with TLS required (a fresh test PKI) and JetStream in a
+/// temporary directory: with `tls.ca_file` the sink connects, provisions its stream and
+/// publishes; with another CA it never connects and health says so. The server is stopped
+/// and its directory deleted afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_server_verifies_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = flexbridge_testkit::test_pki(dir.path(), "nats");
+    let other = flexbridge_testkit::test_pki(dir.path(), "other");
+    let port = flexbridge_testkit::free_port();
+    let store = dir.path().join("jetstream");
+    let mut server = std::process::Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(&store)
+        .arg("--tls")
+        .arg("--tlscert")
+        .arg(&pki.cert)
+        .arg("--tlskey")
+        .arg(&pki.key)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nats-server");
+    flexbridge_testkit::wait_for_port(port);
+    let mut c = config(
+        format!("tls://localhost:{port}"),
+        "fbtls.{event}".to_owned(),
+    );
+    c.tls.required = true;
+    c.tls.ca_file = Some(pki.ca.clone());
+    c.stream = Some(StreamConfig {
+        name: "FBTLS".to_owned(),
+        subjects: vec![],
+        storage: Storage::Memory,
+        duplicate_window: Duration::from_secs(30),
+        max_age: None,
+        max_messages: None,
+        max_bytes: None,
+        retention: Retention::Limits,
+        replicas: 1,
+    });
+    let (sink, _) = connected(&c).await;
+    sink.health().await.unwrap();
+    sink.publish(&event(EventKind::ChannelCreated, 1))
+        .await
+        .unwrap();
+
+    c.tls.ca_file = Some(other.ca);
+    let context = SinkContext::standalone("refused").unwrap();
+    let refused = c.open(&Limits::default(), &context).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let err = refused.health().await.unwrap_err();
+    assert_eq!(err.reason(), "disconnected", "{err}");
+    drop((sink, refused));
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
 #[tokio::test]
 async fn the_same_event_twice_is_stored_once_and_counted_as_duplicate() {
     let stream = TestStream::create(Duration::from_secs(60)).await;

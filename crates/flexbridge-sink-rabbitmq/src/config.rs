@@ -40,6 +40,18 @@ pub struct RabbitMqSinkConfig {
     /// `uri` takes precedence.
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat: Duration,
+    /// `[sinks.tls]` for an `amqps://` URI: the CA that signed the broker's certificate
+    /// (default: the system's roots).
+    #[serde(default)]
+    pub tls: RabbitTls,
+}
+
+/// `[sinks.tls]` of a RabbitMQ sink.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitTls {
+    /// PEM file of the CA (or chain) that signed the broker's certificate.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Topology declared at connection: the exchange, and queues bound to it for a quick start.

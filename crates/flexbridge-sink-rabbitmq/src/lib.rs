@@ -8,7 +8,7 @@
 
 mod config;
 
-pub use config::{Argument, Declare, QueueDeclare, RabbitMqSinkConfig};
+pub use config::{Argument, Declare, QueueDeclare, RabbitMqSinkConfig, RabbitTls};
 
 use async_trait::async_trait;
 use flexbridge_core::cloudevents::Encoded;
@@ -423,7 +423,30 @@ async fn establish(
 ) -> Result<(Link, Option<SinkErrorInfo>), lapin::Error> {
     let properties = ConnectionProperties::default()
         .with_connection_name(format!("flexbridge {}", config.name).into());
-    let connection = Connection::connect(&config.connect_uri(), properties).await?;
+    let connection = match &config.tls.ca_file {
+        None => Connection::connect(&config.connect_uri(), properties).await?,
+        Some(ca_file) => {
+            let cert_chain = std::fs::read_to_string(ca_file).map_err(|e| {
+                lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("tls.ca_file {}: {e}", ca_file.display()),
+                    ),
+                )))
+            })?;
+            let tls = lapin::tcp::OwnedTLSConfig {
+                identity: None,
+                cert_chain: Some(cert_chain),
+            };
+            Connection::connect_with_config(
+                &config.connect_uri(),
+                properties,
+                tls,
+                lapin::runtime::default_runtime()?,
+            )
+            .await?
+        }
+    };
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())

@@ -116,6 +116,7 @@ fn config(uri: String, exchange: &str, declare: Option<Declare>) -> RabbitMqSink
         declare,
         connect_timeout: Duration::from_secs(3),
         heartbeat: Duration::from_secs(10),
+        tls: Default::default(),
     }
 }
 
@@ -249,6 +250,49 @@ async fn a_silent_connection_is_noticed_by_the_heartbeat_and_recovers() {
         Duration::from_secs(1),
     )
     .await;
+}
+
+/// `amqps://` with the CA from `tls.ca_file`, against a TLS listener (socat with a fresh
+/// certificate) in front of the real broker: it connects and publishes; with another CA the
+/// handshake is refused and health says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_verifies_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = flexbridge_testkit::test_pki(dir.path(), "rabbit");
+    let other = flexbridge_testkit::test_pki(dir.path(), "other");
+    let port = flexbridge_testkit::free_port();
+    let mut tls = std::process::Command::new("socat")
+        .arg(format!(
+            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",
+            pki.cert.display(),
+            pki.key.display()
+        ))
+        .arg(format!("TCP:{}", broker_addr()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("socat");
+    flexbridge_testkit::wait_for_port(port);
+    let t = Topology::new();
+    let mut c = config(
+        format!("amqps://guest:guest@localhost:{port}/%2f"),
+        &t.exchange,
+        Some(t.declare(BTreeMap::new())),
+    );
+    c.tls.ca_file = Some(pki.ca.clone());
+    let (sink, _) = open(&c).await;
+    sink.health().await.unwrap();
+    sink.publish(&event(EventKind::ChannelCreated, 1))
+        .await
+        .unwrap();
+    assert_eq!(t.drain().await.len(), 1);
+
+    c.tls.ca_file = Some(other.ca);
+    let (refused, _) = open(&c).await;
+    let err = refused.health().await.unwrap_err();
+    assert_eq!(err.reason(), "disconnected", "{err}");
+    let _ = tls.kill();
+    let _ = tls.wait();
 }
 
 #[tokio::test]

@@ -251,6 +251,108 @@ pub async fn assert_publishes_pipelined(sink: Arc<dyn Sink>, proxy: &TcpProxy) {
     );
 }
 
+/// A test PKI made with the `openssl` command: a CA, and a server certificate it signed for
+/// `localhost` and 127.0.0.1 (an end-entity certificate, as rustls/webpki requires).
+pub struct TestPki {
+    /// The CA certificate (PEM): what a client trusts.
+    pub ca: std::path::PathBuf,
+    /// The server certificate (PEM).
+    pub cert: std::path::PathBuf,
+    /// The server key (PEM).
+    pub key: std::path::PathBuf,
+}
+
+/// Makes a [`TestPki`] in `dir`, its files named after `name`.
+pub fn test_pki(dir: &std::path::Path, name: &str) -> TestPki {
+    let path = |suffix: &str| dir.join(format!("{name}-{suffix}"));
+    let run = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("the openssl command");
+        assert!(status.success(), "openssl {args:?} failed");
+    };
+    let s = |p: &std::path::PathBuf| p.to_str().expect("a UTF-8 path").to_owned();
+    let (ca, ca_key) = (path("ca.pem"), path("ca.key"));
+    let (cert, key, csr, ext) = (
+        path("cert.pem"),
+        path("key.pem"),
+        path("req.csr"),
+        path("ext.cnf"),
+    );
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        &format!("/CN={name} test CA"),
+        "-keyout",
+        &s(&ca_key),
+        "-out",
+        &s(&ca),
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        &s(&key),
+        "-out",
+        &s(&csr),
+    ]);
+    std::fs::write(
+        &ext,
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("writing the extensions file");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &s(&csr),
+        "-CA",
+        &s(&ca),
+        "-CAkey",
+        &s(&ca_key),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        &s(&ext),
+        "-out",
+        &s(&cert),
+    ]);
+    TestPki { ca, cert, key }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits until something accepts connections on 127.0.0.1:`port` (at most 10 s).
+pub fn wait_for_port(port: u16) {
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "nothing listens on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The sink contract for a link that goes silent (a dead NAT entry, a node lost without a
 /// reset: bytes dropped, no FIN): with a keep-alive `period` (RabbitMQ heartbeat, NATS ping
 /// interval), the sink's health turns unhealthy within two periods plus a margin for the
