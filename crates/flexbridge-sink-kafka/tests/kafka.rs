@@ -423,6 +423,28 @@ async fn the_shared_broker_contract_holds_through_a_proxy() {
     );
 }
 
+/// A link that goes silent (bytes dropped, no FIN) shows in health within the metadata
+/// request's timeout (Kafka has no heartbeat of its own on a producer connection) and
+/// recovers by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_link_shows_in_health_and_recovers() {
+    let broker = ProxiedBroker::start().await;
+    let topic = unique("fbtest-silent.");
+    create_topics_on(&broker.brokers(), std::slice::from_ref(&topic)).await;
+    let sink = Arc::new(connect(&config(broker.brokers(), topic)).await);
+    let started = std::time::Instant::now();
+    while sink.health().await.is_err() {
+        assert!(started.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    flexbridge_testkit::silent_link_is_noticed_and_recovered(
+        sink,
+        &broker.proxy,
+        Duration::from_secs(2),
+    )
+    .await;
+}
+
 /// The ids of `wanted` not found in `topic` within 30 s (duplicates and records whose publish
 /// failed may be there too: at least once).
 fn missing_ids(
