@@ -295,6 +295,142 @@ async fn amqps_verifies_the_configured_ca() {
     let _ = tls.wait();
 }
 
+/// A RabbitMQ node of the test's own (the shared broker must not raise alarms under other
+/// tests): its own port, data and log directories; shut down and deleted when dropped.
+struct PrivateNode {
+    name: String,
+    port: u16,
+    dir: tempfile::TempDir,
+    process: std::process::Child,
+}
+
+impl PrivateNode {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["mnesia", "log"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        // rabbitmq-server drops to the rabbitmq user when started as root.
+        let _ = std::process::Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(dir.path())
+            .status();
+        let (port, dist) = (
+            flexbridge_testkit::free_port(),
+            flexbridge_testkit::free_port(),
+        );
+        let name = format!("fbtest{port}@localhost");
+        let path = |p: &str| dir.path().join(p);
+        let process = std::process::Command::new("rabbitmq-server")
+            .env("RABBITMQ_NODENAME", &name)
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist.to_string())
+            .env("RABBITMQ_MNESIA_BASE", path("mnesia"))
+            .env("RABBITMQ_LOG_BASE", path("log"))
+            .env("RABBITMQ_PID_FILE", path("pid"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", path("plugins"))
+            .env("RABBITMQ_FEATURE_FLAGS_FILE", path("feature_flags"))
+            .env("RABBITMQ_QUORUM_DIR", path("quorum"))
+            .env("RABBITMQ_STREAM_DIR", path("stream"))
+            .env("RABBITMQ_CONFIG_FILE", path("none"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("rabbitmq-server");
+        let node = Self {
+            name,
+            port,
+            dir,
+            process,
+        };
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the private RabbitMQ node did not start"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        node
+    }
+
+    fn ctl(&self, args: &[&str]) {
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["-n", &self.name])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "rabbitmqctl {args:?}");
+    }
+}
+
+impl Drop for PrivateNode {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-n", &self.name, "shutdown"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        // The node's files go with `dir`.
+    }
+}
+
+/// A memory alarm makes the broker block publishing connections (`connection.blocked`);
+/// publishes then wait without an error, so health must say it, and clear once lifted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_blocked_by_a_broker_alarm_shows_in_health() {
+    let node = PrivateNode::start();
+    let exchange = unique("fbtest.blocked.");
+    let queue = unique("fbtest.blockedq.");
+    let c = config(
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", node.port),
+        &exchange,
+        Some(Declare {
+            exchange_type: "topic".to_owned(),
+            durable: false,
+            queues: vec![QueueDeclare {
+                name: queue,
+                durable: false,
+                bindings: vec!["#".to_owned()],
+                arguments: BTreeMap::new(),
+            }],
+        }),
+    );
+    let (sink, _) = open(&c).await;
+    let sink = Arc::new(sink);
+    sink.health().await.unwrap();
+    sink.publish(&event(EventKind::ChannelCreated, 1))
+        .await
+        .unwrap();
+    node.ctl(&["set_vm_memory_high_watermark", "0.00001"]);
+    // The broker blocks a connection when it next publishes.
+    let pending = {
+        let sink = Arc::clone(&sink);
+        tokio::spawn(async move { sink.publish(&event(EventKind::ChannelCreated, 2)).await })
+    };
+    let started = std::time::Instant::now();
+    loop {
+        match sink.health().await {
+            Err(e) if e.reason() == "blocked" => break,
+            other => assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "not reported as blocked: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.ctl(&["set_vm_memory_high_watermark", "0.6"]);
+    let started = std::time::Instant::now();
+    while sink.health().await.is_err() {
+        assert!(started.elapsed() < Duration::from_secs(15), "still blocked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pending.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn a_broker_nack_is_an_error() {
     let t = Topology::new();
