@@ -1,7 +1,7 @@
 //! Properties of normalization over arbitrary parameters: it never panics, refuses exactly
-//! the requests without `EventType` or `AccountSid`, keeps every parameter the schema does
-//! not model under `data.extra` (repeated names as lists, in arrival order), emits valid
-//! JSON, and gives the same id to the same delivery.
+//! the requests without `EventType` or `AccountSid`, keeps every parameter (in its field, or
+//! under `data.extra`: unmodeled names, repeats, values their type refuses; repeated names
+//! as lists in arrival order), emits valid JSON, and gives the same id to the same delivery.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use flexbridge_core::{normalize, Attestation, NormalizeError, Verified, WebhookRequest};
@@ -49,11 +49,21 @@ fn request(params: Vec<(String, String)>, token: Option<String>) -> WebhookReque
     }
 }
 
+/// Every string in a JSON value, recursively.
+fn collect_strings(value: &serde_json::Value, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::String(s) => out.push(s.clone()),
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_strings(v, out)),
+        serde_json::Value::Object(map) => map.values().for_each(|v| collect_strings(v, out)),
+        _ => {}
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
     #[test]
-    fn normalization_never_panics_and_keeps_every_unmodeled_parameter(
+    fn normalization_never_panics_and_keeps_every_parameter(
         event_type in prop_oneof![
             prop::sample::select(KNOWN).prop_map(str::to_owned),
             "\\PC{0,16}",
@@ -70,6 +80,7 @@ proptest! {
         params.extend(modeled);
         params.extend(extra.iter().cloned());
         let verified = Verified::attest(request(params.clone(), token.clone()), Attestation::AuthToken);
+        let params = params;
         match normalize(verified) {
             Err(NormalizeError::MissingEventType) => prop_assert!(event_type.is_empty()),
             Err(NormalizeError::MissingAccountSid) => prop_assert!(account.is_empty()),
@@ -89,6 +100,15 @@ proptest! {
                         other => { prop_assert!(false, "{name}: {other}"); unreachable!() }
                     };
                     prop_assert_eq!(kept, sent, "{}", name);
+                }
+                // Every non-empty value of every parameter is somewhere in `data`: in its
+                // field, or under `extra` (a repeat, or a value its type does not accept).
+                let mut leaves = Vec::new();
+                collect_strings(&data, &mut leaves);
+                for (name, value) in &params {
+                    if !value.is_empty() {
+                        prop_assert!(leaves.contains(value), "{}={:?} is not in {}", name, value, data);
+                    }
                 }
                 // The same delivery normalizes to the same id.
                 let again = normalize(Verified::attest(request(params, token), Attestation::AuthToken)).unwrap();

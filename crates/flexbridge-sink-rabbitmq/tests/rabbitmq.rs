@@ -252,32 +252,29 @@ async fn a_silent_connection_is_noticed_by_the_heartbeat_and_recovers() {
     .await;
 }
 
-/// `amqps://` with the CA from `tls.ca_file`, against a TLS listener (socat with a fresh
-/// certificate) in front of the real broker: it connects and publishes; with another CA the
+/// `amqps://` with the CA from `tls.ca_file`, against a RabbitMQ node of the test's own
+/// listening for TLS with a fresh test PKI: it connects and publishes; with another CA the
 /// handshake is refused and health says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqps_verifies_the_configured_ca() {
     let dir = tempfile::tempdir().unwrap();
     let pki = flexbridge_testkit::test_pki(dir.path(), "rabbit");
     let other = flexbridge_testkit::test_pki(dir.path(), "other");
-    let port = flexbridge_testkit::free_port();
-    let mut tls = std::process::Command::new("socat")
-        .arg(format!(
-            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",
-            pki.cert.display(),
-            pki.key.display()
-        ))
-        .arg(format!("TCP:{}", broker_addr()))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("socat");
-    flexbridge_testkit::wait_for_port(port);
-    let t = Topology::new();
+    let node = PrivateNode::start(Some((&pki.cert, &pki.key)));
+    let port = node.tls_port.unwrap();
     let mut c = config(
         format!("amqps://guest:guest@localhost:{port}/%2f"),
-        &t.exchange,
-        Some(t.declare(BTreeMap::new())),
+        &unique("fbtest.tls."),
+        Some(Declare {
+            exchange_type: "topic".to_owned(),
+            durable: false,
+            queues: vec![QueueDeclare {
+                name: unique("fbtest.tlsq."),
+                durable: false,
+                bindings: vec!["#".to_owned()],
+                arguments: BTreeMap::new(),
+            }],
+        }),
     );
     c.tls.ca_file = Some(pki.ca.clone());
     let (sink, _) = open(&c).await;
@@ -285,14 +282,12 @@ async fn amqps_verifies_the_configured_ca() {
     sink.publish(&event(EventKind::ChannelCreated, 1))
         .await
         .unwrap();
-    assert_eq!(t.drain().await.len(), 1);
 
     c.tls.ca_file = Some(other.ca);
     let (refused, _) = open(&c).await;
     let err = refused.health().await.unwrap_err();
     assert_eq!(err.reason(), "disconnected", "{err}");
-    let _ = tls.kill();
-    let _ = tls.wait();
+    assert!(err.to_string().contains("certificate"), "{err}");
 }
 
 /// A RabbitMQ node of the test's own (the shared broker must not raise alarms under other
@@ -300,16 +295,36 @@ async fn amqps_verifies_the_configured_ca() {
 struct PrivateNode {
     name: String,
     port: u16,
-    dir: tempfile::TempDir,
+    /// The `amqps` listener, when started with a certificate.
+    tls_port: Option<u16>,
+    /// Held for its drop: the node's data and logs are deleted with it.
+    _dir: tempfile::TempDir,
     process: std::process::Child,
 }
 
 impl PrivateNode {
-    fn start() -> Self {
+    /// Starts a node; with `tls` (certificate, key), it also listens for `amqps`.
+    fn start(tls: Option<(&std::path::Path, &std::path::Path)>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         for sub in ["mnesia", "log"] {
             std::fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
+        let tls_port = tls.map(|(cert, key)| {
+            let port = flexbridge_testkit::free_port();
+            // Copied in, so the rabbitmq user can read them.
+            std::fs::copy(cert, dir.path().join("cert.pem")).unwrap();
+            std::fs::copy(key, dir.path().join("key.pem")).unwrap();
+            std::fs::write(
+                dir.path().join("rabbitmq.conf"),
+                format!(
+                    "listeners.ssl.default = {port}\nssl_options.certfile = {}\nssl_options.keyfile = {}\nssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n",
+                    dir.path().join("cert.pem").display(),
+                    dir.path().join("key.pem").display()
+                ),
+            )
+            .unwrap();
+            port
+        });
         // rabbitmq-server drops to the rabbitmq user when started as root.
         let _ = std::process::Command::new("chown")
             .args(["-R", "rabbitmq:rabbitmq"])
@@ -332,7 +347,14 @@ impl PrivateNode {
             .env("RABBITMQ_FEATURE_FLAGS_FILE", path("feature_flags"))
             .env("RABBITMQ_QUORUM_DIR", path("quorum"))
             .env("RABBITMQ_STREAM_DIR", path("stream"))
-            .env("RABBITMQ_CONFIG_FILE", path("none"))
+            .env(
+                "RABBITMQ_CONFIG_FILE",
+                path(if tls_port.is_some() {
+                    "rabbitmq.conf"
+                } else {
+                    "none"
+                }),
+            )
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -340,11 +362,12 @@ impl PrivateNode {
         let node = Self {
             name,
             port,
-            dir,
+            tls_port,
+            _dir: dir,
             process,
         };
         let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", tls_port.unwrap_or(port))).is_err() {
             assert!(
                 started.elapsed() < Duration::from_secs(60),
                 "the private RabbitMQ node did not start"
@@ -374,7 +397,6 @@ impl Drop for PrivateNode {
             .status();
         let _ = self.process.kill();
         let _ = self.process.wait();
-        // The node's files go with `dir`.
     }
 }
 
@@ -382,7 +404,7 @@ impl Drop for PrivateNode {
 /// publishes then wait without an error, so health must say it, and clear once lifted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_blocked_by_a_broker_alarm_shows_in_health() {
-    let node = PrivateNode::start();
+    let node = PrivateNode::start(None);
     let exchange = unique("fbtest.blocked.");
     let queue = unique("fbtest.blockedq.");
     let c = config(
