@@ -511,24 +511,6 @@ fn a_flood_of_forged_signatures_is_counted_not_echoed_and_its_log_is_rate_limite
     );
 }
 
-/// A self-signed certificate for 127.0.0.1 (and localhost), written as `name.pem`/`name.key`.
-fn certificate(dir: &std::path::Path, name: &str) {
-    let status = std::process::Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args(["-subj", &format!("/CN={name}")])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(dir.join(format!("{name}.key")))
-        .arg("-out")
-        .arg(dir.join(format!("{name}.pem")))
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl");
-    assert!(status.success());
-}
-
 /// `curl` over TLS trusting `ca`: the HTTP status, or None when the handshake fails.
 fn curl_tls(url: &str, ca: &std::path::Path, signature: &str, body: &str) -> Option<u16> {
     let output = std::process::Command::new("curl")
@@ -561,11 +543,11 @@ fn curl_tls(url: &str, ca: &std::path::Path, signature: &str, body: &str) -> Opt
 #[test]
 fn the_listener_terminates_tls_and_picks_up_a_renewed_certificate() {
     let certs = tempfile::tempdir().unwrap();
-    certificate(certs.path(), "first");
-    certificate(certs.path(), "second");
+    let first = flexbridge_testkit::test_pki(certs.path(), "first");
+    let second = flexbridge_testkit::test_pki(certs.path(), "second");
     let (cert, key) = (certs.path().join("live.pem"), certs.path().join("live.key"));
-    std::fs::copy(certs.path().join("first.pem"), &cert).unwrap();
-    std::fs::copy(certs.path().join("first.key"), &key).unwrap();
+    std::fs::copy(&first.cert, &cert).unwrap();
+    std::fs::copy(&first.key, &key).unwrap();
     let daemon = Daemon::start(&file_sink_config(&format!(
         "[ingress]\nlisten = \"127.0.0.1:0\"\n[ingress.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nreload_interval = \"200ms\"\n",
         cert.display(),
@@ -577,7 +559,7 @@ fn the_listener_terminates_tls_and_picks_up_a_renewed_certificate() {
         let signature = sign(Algorithm::HmacSha1, TOKEN, &url, &params);
         curl_tls(&url, ca, &signature, &form_encode(&params))
     };
-    assert_eq!(send(1, &certs.path().join("first.pem")), Some(200));
+    assert_eq!(send(1, &first.ca), Some(200));
     // Plain HTTP on the TLS port gets no answer.
     let mut plain = TcpStream::connect(daemon.ingress).unwrap();
     plain
@@ -592,10 +574,10 @@ fn the_listener_terminates_tls_and_picks_up_a_renewed_certificate() {
 
     // Renewal: new files in place; the next connections get the new certificate.
     std::thread::sleep(Duration::from_millis(1100)); // a distinct modification time
-    std::fs::copy(certs.path().join("second.key"), &key).unwrap();
-    std::fs::copy(certs.path().join("second.pem"), &cert).unwrap();
+    std::fs::copy(&second.key, &key).unwrap();
+    std::fs::copy(&second.cert, &cert).unwrap();
     let started = Instant::now();
-    while send(2, &certs.path().join("second.pem")) != Some(200) {
+    while send(2, &second.ca) != Some(200) {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "the renewed certificate is not served"
@@ -603,7 +585,7 @@ fn the_listener_terminates_tls_and_picks_up_a_renewed_certificate() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(
-        send(3, &certs.path().join("first.pem")),
+        send(3, &first.ca),
         None,
         "the old certificate is still served"
     );

@@ -252,49 +252,24 @@ async fn every_compression_codec_round_trips() {
     }
 }
 
-/// A TLS listener (`openssl s_server` with a fresh self-signed certificate) stands in for a
+/// A TLS listener (`openssl s_server` with a certificate from a fresh test CA) stands in for a
 /// managed broker: with `security.protocol = SSL` and the CA configured, the handshake
 /// succeeds and the Kafka request arrives decrypted (it carries the client id); with another
 /// CA the handshake fails and nothing arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_the_broker_verifies_the_configured_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let make_cert = |name: &str| {
-        let status = std::process::Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            ])
-            .args([
-                "-subj",
-                "/CN=localhost",
-                "-addext",
-                "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            ])
-            .arg("-keyout")
-            .arg(dir.path().join(format!("{name}.key")))
-            .arg("-out")
-            .arg(dir.path().join(format!("{name}.pem")))
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("openssl");
-        assert!(status.success());
-        dir.path().join(format!("{name}.pem"))
-    };
-    let server_cert = make_cert("server");
-    let other_ca = make_cert("other");
-    for (ca, expect_request) in [(&server_cert, true), (&other_ca, false)] {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+    let pki = flexbridge_testkit::test_pki(dir.path(), "server");
+    let other = flexbridge_testkit::test_pki(dir.path(), "other");
+    for (ca, expect_request) in [(&pki.ca, true), (&other.ca, false)] {
+        let port = flexbridge_testkit::free_port();
         let mut server = std::process::Command::new("openssl")
             .args(["s_server", "-quiet", "-accept"])
             .arg(port.to_string())
             .arg("-cert")
-            .arg(&server_cert)
+            .arg(&pki.cert)
             .arg("-key")
-            .arg(dir.path().join("server.key"))
+            .arg(&pki.key)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
@@ -313,15 +288,7 @@ async fn tls_to_the_broker_verifies_the_configured_ca() {
                 collected.lock().unwrap().extend_from_slice(&buf[..n]);
             }
         });
-        // Wait for the listener.
-        let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "s_server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        flexbridge_testkit::wait_for_port(port);
         let mut c = config(format!("localhost:{port}"), "fbtest-tls".into());
         c.name = "tls-probe".into();
         c.properties = Properties(
