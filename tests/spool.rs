@@ -392,7 +392,8 @@ impl Drop for SmallDisk {
 
 /// The spool's disk fills up (a 2 MiB tmpfs, far below `spool.max_bytes`): webhooks get 503
 /// `spool_unavailable` with Retry-After, an ERROR line and the write-error metric, readiness
-/// turns false, and everything accepted before is delivered once the broker is back.
+/// turns false, everything accepted before is delivered once the broker is back, and then the
+/// same process is ready again and takes webhooks (no restart needed).
 #[test]
 fn a_full_disk_answers_503_and_harms_nothing_accepted() {
     let (exchange, queue) = (unique("fbe2e.disk."), unique("fbe2e.diskq."));
@@ -437,11 +438,31 @@ fn a_full_disk_answers_503_and_harms_nothing_accepted() {
     );
     proxy.tcp().restore();
     wait_delivered(&d, "rabbit", Duration::from_secs(60));
+    // Everything left the spool, so its segment gave the disk back: without a restart the
+    // spool turns ready again and takes webhooks.
+    let started = std::time::Instant::now();
+    while get(d.admin, "/readyz").status != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the spool did not recover once the disk had room: {}",
+            get(d.admin, "/readyz").text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = signed_form(
+        &d,
+        PATH,
+        TOKEN,
+        &status_updated("KD000000000000000000000000000000b3", "closed"),
+    )
+    .send(d.ingress);
+    assert_eq!(after.status, 200, "{}", after.text());
+    wait_delivered(&d, "rabbit", Duration::from_secs(30));
     drop(d);
     let ids = drain_and_delete(&exchange, &queue);
     assert_eq!(
         ids.iter().collect::<HashSet<_>>().len() as u64,
-        ok,
+        ok + 1,
         "every 200 arrived, no 503 did"
     );
     drop(disk);

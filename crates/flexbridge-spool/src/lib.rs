@@ -6,10 +6,15 @@
 //! a sink had not confirmed is delivered again (at least once: consumers deduplicate on the
 //! event id).
 //!
-//! Storage is [redb](https://www.redb.org): a well-kept embedded store whose commits are
-//! atomic and checksummed, so a torn write after a crash is never read back and nothing
-//! committed is lost; records, per-sink cursors and dead letters change in one transaction.
+//! Storage is a small segment log of our own ([`log`]): append-only files, a CRC-32 per
+//! record, one `write` and one `fdatasync` for every record queued since the last one. A torn
+//! tail after a crash fails its checksum and is cut at the next start, never read back; what
+//! was acknowledged was fsynced before it. Per-sink cursors are a small file replaced by
+//! rename, dead letters an append-only file of their own. It replaced an embedded B-tree
+//! store (redb), whose commit cost a third of the daemon's CPU at 30k events/s.
 
+mod dead;
+mod log;
 mod recent;
 pub mod runner;
 mod store;

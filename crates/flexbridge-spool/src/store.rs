@@ -1,39 +1,49 @@
-//! The spool's storage: one redb file with three tables, written by one thread that
-//! group-commits everything queued since its last commit.
+//! The spool's storage, in its directory:
 //!
-//! - `events`: sequence number -> spool record ([`flexbridge_core::WebhookRequest::encode`]).
-//! - `cursors`: sink name -> the first sequence number that sink has not finished (every
-//!   record below it was confirmed or dead-lettered by that sink).
-//! - `dead_letters`: (sink, sequence number) -> time, reason, message and the record.
+//! - `segments/`: the records, in an append-only segment log ([`crate::log`]), written by one
+//!   thread that group-commits everything queued since its last write (one `write`, one
+//!   `fdatasync`).
+//! - `cursors.json`: per sink, the first sequence number it has not finished (every record
+//!   below it was confirmed or dead-lettered by that sink). Written aside and renamed, at
+//!   most every [`CURSOR_SAVE_INTERVAL`] and at close, without fsync: a cursor lost in a
+//!   crash only means delivering again, never losing.
+//! - `dead-letters.log`: the dead letters ([`crate::dead`]), fsynced before the cursor that
+//!   passes them is saved.
 //!
-//! A record is deleted once every configured sink's cursor is past it.
+//! A segment is deleted once every configured sink's cursor is past its last record.
 
+use crate::dead::{DeadLetters, Op};
+use crate::log::{self, Index, Log};
 use crate::recent::{Recent, Seen, State};
 use crate::SpoolConfig;
 use async_trait::async_trait;
 use flexbridge_core::{Event, Intake, IntakeError, WebhookRequest};
 use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 
-const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
-const CURSORS: TableDefinition<&str, u64> = TableDefinition::new("cursors");
-const DEAD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead_letters");
-
-/// redb's cache: the spool reads back what it wrote moments ago; 4 MiB measured no slower
-/// than 16 MiB, with less memory.
-const SPOOL_CACHE_BYTES: usize = 4 << 20;
-
-/// Most commands folded into one commit.
+/// Most commands folded into one write.
 const MAX_BATCH: usize = 4096;
 
 /// Committed events kept in memory for the sinks' readers: a reader that keeps up takes the
 /// event the ingress normalized instead of reading the record back and normalizing it again.
-/// A reader that falls further behind reads the store.
+/// A reader that falls further behind reads the log.
 const TAIL_EVENTS: usize = 2048;
+
+/// How often, at most, the cursors are saved while they move.
+const CURSOR_SAVE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The cursors' file.
+const CURSORS_FILE: &str = "cursors.json";
+
+/// Held locked while a process uses the spool.
+const LOCK_FILE: &str = "lock";
+
+/// The file of the earlier (redb) spool format.
+const REDB_FILE: &str = "spool.redb";
 
 /// Why the spool refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,20 +75,17 @@ pub enum SpoolError {
     },
 }
 
-impl<E: Into<redb::Error>> From<E> for SpoolError {
-    fn from(error: E) -> Self {
-        Self::Storage(error.into().to_string())
+impl From<std::io::Error> for SpoolError {
+    fn from(error: std::io::Error) -> Self {
+        Self::Storage(error.to_string())
     }
 }
 
 /// Where an append's sequence number, or a purge's count (or the failure) goes.
 type Reply = oneshot::Sender<Result<u64, SpoolError>>;
 
-/// An append waiting for its commit: record, event for the live tail, reply.
+/// An append waiting for its write: record, event for the live tail, reply.
 type Append = (Vec<u8>, Option<Arc<Event>>, Reply);
-
-/// A dead letter to write: sink, sequence number, reason, message, record if known.
-type DeadCommand = (usize, u64, String, String, Option<Vec<u8>>);
 
 enum Command {
     Append {
@@ -96,7 +103,7 @@ enum Command {
         seq: u64,
         reason: String,
         message: String,
-        /// The record, when it may have left the events table (a redrive that failed again).
+        /// The record, when it may have left the log (a redrive that failed again).
         record: Option<Vec<u8>>,
     },
     /// A dead letter was delivered after a redrive: drop it.
@@ -104,7 +111,7 @@ enum Command {
         sink: usize,
         seq: u64,
     },
-    /// An empty durable commit: tells whether the disk takes writes again.
+    /// A small durable write: tells whether the disk takes writes again.
     Probe,
     /// Drop the dead letters of one sink, or all; replies with the count.
     Purge {
@@ -114,54 +121,9 @@ enum Command {
     Stop,
 }
 
-/// The open database, replaced after an I/O error: redb refuses every transaction after one
-/// until it is reopened, and a disk that was full may have room again.
-struct Store {
-    path: std::path::PathBuf,
-    current: std::sync::RwLock<Option<Arc<Database>>>,
-}
-
-impl Store {
-    fn open(path: &std::path::Path) -> Result<Database, redb::DatabaseError> {
-        // redb caches up to 1 GiB by default; the spool reads what it just wrote, so a small
-        // cache does (the kernel's page cache holds the rest) and memory stays bounded.
-        Database::builder()
-            .set_cache_size(SPOOL_CACHE_BYTES)
-            .create(path)
-    }
-
-    /// The database, for one transaction.
-    fn get(&self) -> Result<Arc<Database>, SpoolError> {
-        self.current
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-            .ok_or_else(|| SpoolError::Storage("the spool is being reopened".to_owned()))
-    }
-
-    /// Closes the database (once the transactions using it ended) and opens it again.
-    fn reopen(&self) -> Result<(), SpoolError> {
-        let mut slot = self
-            .current
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(old) = slot.take() {
-            // Readers hold it only for one short read transaction.
-            let started = std::time::Instant::now();
-            while Arc::strong_count(&old) > 1 && started.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            drop(old);
-        }
-        let db = Self::open(&self.path).map_err(|e| SpoolError::Storage(e.to_string()))?;
-        *slot = Some(Arc::new(db));
-        Ok(())
-    }
-}
-
 /// The spool: append (group-committed), read for delivery, record progress and dead letters.
 pub struct Spool {
-    db: Arc<Store>,
+    index: Arc<Mutex<Index>>,
     recent: Mutex<Recent>,
     /// Woken when a first delivery settles, for redeliveries waiting on it.
     settled: tokio::sync::Notify,
@@ -185,6 +147,9 @@ struct Shared {
     metrics: SpoolMetrics,
     /// The most recently committed events, contiguous in sequence (see [`TAIL_EVENTS`]).
     tail: Mutex<std::collections::VecDeque<(u64, Arc<Event>)>>,
+    /// Per sink, the cursor the writer holds (for status).
+    cursors: Vec<AtomicU64>,
+    dead: Mutex<DeadLetters>,
 }
 
 /// The spool's metric families.
@@ -309,6 +274,12 @@ pub struct SpoolStatus {
     pub sinks: Vec<SinkStatus>,
 }
 
+/// Segment size: an eighth of `max_bytes` (the disk a spool needs beyond `max_bytes` is about
+/// one segment), between 1 and 64 MiB.
+fn segment_bytes(max_bytes: u64) -> u64 {
+    (max_bytes / 8).clamp(1 << 20, 64 << 20)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -347,6 +318,47 @@ fn decode_dead(sink: &str, seq: u64, bytes: &[u8]) -> Option<DeadLetter> {
     })
 }
 
+/// The saved cursors; a missing or unreadable file means none (everything kept is
+/// delivered again).
+fn load_cursors(dir: &Path) -> std::collections::HashMap<String, u64> {
+    let path = dir.join(CURSORS_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
+            tracing::warn!(file = %path.display(), %error, "spool: unreadable cursors; every record kept is delivered again");
+            std::collections::HashMap::new()
+        }),
+        Err(_) => std::collections::HashMap::new(),
+    }
+}
+
+/// Writes the cursors aside and renames them into place; `durable` also fsyncs (at close).
+fn save_cursors(
+    dir: &Path,
+    sinks: &[String],
+    cursors: &[u64],
+    durable: bool,
+) -> std::io::Result<()> {
+    let map: std::collections::BTreeMap<&str, u64> = sinks
+        .iter()
+        .map(String::as_str)
+        .zip(cursors.iter().copied())
+        .collect();
+    let bytes = serde_json::to_vec(&map).map_err(std::io::Error::other)?;
+    let aside = dir.join(format!("{CURSORS_FILE}.new"));
+    {
+        let mut file = std::fs::File::create(&aside)?;
+        std::io::Write::write_all(&mut file, &bytes)?;
+        if durable {
+            file.sync_data()?;
+        }
+    }
+    std::fs::rename(&aside, dir.join(CURSORS_FILE))?;
+    if durable {
+        log::sync_dir(dir)?;
+    }
+    Ok(())
+}
+
 impl Spool {
     /// Opens (or creates) the spool in `dir` for these sinks (configuration order) and starts
     /// its writer thread. Records a sink had not finished are delivered again.
@@ -361,44 +373,56 @@ impl Spool {
             message,
         };
         std::fs::create_dir_all(dir).map_err(|e| open_error(e.to_string()))?;
-        let path = dir.join("spool.redb");
-        let db = Store::open(&path).map_err(|e| open_error(e.to_string()))?;
-        let tx = db.begin_write()?;
-        tx.open_table(EVENTS)?;
-        tx.open_table(CURSORS)?;
-        tx.open_table(DEAD)?;
-        tx.commit()?;
-
-        let tx = db.begin_read()?;
-        let events = tx.open_table(EVENTS)?;
-        let cursors = tx.open_table(CURSORS)?;
-        let mut bytes = 0u64;
-        for entry in events.iter()? {
-            bytes += entry?.1.value().len() as u64;
+        if dir.join(REDB_FILE).exists() {
+            return Err(open_error(format!(
+                "it holds {REDB_FILE}, a spool of an earlier development build of flexbridge; \
+                 let that build deliver it (or remove the file) before starting this one"
+            )));
         }
-        let first = events.first()?.map(|(k, _)| k.value());
-        let last = events.last()?.map(|(k, _)| k.value());
-        let mut highest_cursor = 0;
-        for entry in cursors.iter()? {
-            highest_cursor = highest_cursor.max(entry?.1.value());
-        }
-        let next_seq = last.map_or(0, |l| l + 1).max(highest_cursor);
-        let mut start_cursors = Vec::with_capacity(sinks.len());
-        for sink in &sinks {
-            // A sink new to this spool starts at the oldest record still kept.
-            let stored = cursors.get(sink.as_str())?.map(|c| c.value());
-            start_cursors.push(stored.unwrap_or_else(|| first.unwrap_or(next_seq)));
-        }
-        let dead_table = tx.open_table(DEAD)?;
-        let mut dead_counts = vec![0i64; sinks.len()];
-        for entry in dead_table.iter()? {
-            let (key, _) = entry?;
-            let (sink, _) = key.value();
-            if let Some(i) = sinks.iter().position(|s| s == sink) {
-                dead_counts[i] += 1;
+        // One process per spool: a second one would interleave its writes with ours. The
+        // lock goes with the writer thread (at close) or with the process.
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))
+            .map_err(|e| open_error(e.to_string()))?;
+        lock.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => {
+                open_error("another flexbridge process is using it".to_owned())
             }
+            std::fs::TryLockError::Error(e) => open_error(e.to_string()),
+        })?;
+        let stored = load_cursors(dir);
+        let dead = DeadLetters::open(dir).map_err(|e| open_error(e.to_string()))?;
+        // Sequence numbers are never reused (dead letters are keyed by them).
+        let min_next = stored
+            .values()
+            .copied()
+            .chain(dead.last_seq().map(|s| s + 1))
+            .max()
+            .unwrap_or(0);
+        let opened = Log::open(dir, segment_bytes(max_bytes), min_next)
+            .map_err(|e| open_error(e.to_string()))?;
+        if opened.cut > 0 {
+            tracing::warn!(
+                bytes = opened.cut,
+                "spool: a torn tail was cut (a write the crash interrupted; none of it was acknowledged)"
+            );
         }
-        drop((events, cursors, dead_table, tx));
+        let log = opened.log;
+        let (first, next_seq) = (opened.first_seq, log.next_seq());
+        // A sink new to this spool starts at the oldest record still kept.
+        let start_cursors: Vec<u64> = sinks
+            .iter()
+            .map(|sink| {
+                stored
+                    .get(sink)
+                    .map_or(first, |c| (*c).clamp(first, next_seq))
+            })
+            .collect();
+        let low = start_cursors.iter().copied().min().unwrap_or(next_seq);
+        let bytes = log.payload_bytes(low, next_seq);
 
         let metrics = SpoolMetrics::register(registry, &sinks, max_bytes)
             .map_err(|e| open_error(e.to_string()))?;
@@ -414,7 +438,7 @@ impl Spool {
             let depth = next_seq.saturating_sub(*cursor);
             replayed += depth;
             metrics.depth[i].set(depth as i64);
-            metrics.dead[i].set(dead_counts[i]);
+            metrics.dead[i].set(dead.count(&sinks[i]) as i64);
         }
         metrics.replayed.inc_by(replayed);
         if replayed > 0 {
@@ -431,16 +455,14 @@ impl Spool {
             healthy: AtomicBool::new(true),
             metrics,
             tail: Mutex::new(std::collections::VecDeque::with_capacity(TAIL_EVENTS)),
-        });
-        let db = Arc::new(Store {
-            path,
-            current: std::sync::RwLock::new(Some(Arc::new(db))),
+            cursors: start_cursors.iter().map(|c| AtomicU64::new(*c)).collect(),
+            dead: Mutex::new(dead),
         });
         let (commands, receiver) = mpsc::unbounded_channel();
         let (committed_tx, committed) = watch::channel(next_seq);
         // Waking a task from a foreign thread costs a futex and often an IPI per task: the
-        // writer hands each commit's replies to one task on the runtime, which wakes the
-        // waiting requests locally (one cross-thread wake per commit).
+        // writer hands each write's replies to one task on the runtime, which wakes the
+        // waiting requests locally (one cross-thread wake per write).
         let confirmer = tokio::runtime::Handle::try_current().ok().map(|runtime| {
             let (confirm, mut confirmations) = mpsc::unbounded_channel::<Vec<(Reply, u64)>>();
             runtime.spawn(async move {
@@ -452,14 +474,19 @@ impl Spool {
             });
             confirm
         });
+        let index = log.index();
         let writer = Writer {
-            db: Arc::clone(&db),
+            log,
+            dir: dir.to_owned(),
             shared: Arc::clone(&shared),
             sinks: sinks.clone(),
             cursors: start_cursors.clone(),
-            persisted: start_cursors.clone(),
-            next_seq,
-            deleted_below: first.unwrap_or(next_seq),
+            saved: start_cursors.clone(),
+            saved_at: Instant::now(),
+            save_failed: false,
+            deleted_below: low,
+            pending_dead: Vec::new(),
+            _lock: lock,
             committed: committed_tx,
             confirmer,
         };
@@ -468,7 +495,7 @@ impl Spool {
             .spawn(move || writer.run(receiver))
             .map_err(|e| open_error(e.to_string()))?;
         Ok(Arc::new(Self {
-            db,
+            index,
             settled: tokio::sync::Notify::new(),
             redelivery_waiters: AtomicUsize::new(0),
             recent: Mutex::new(Recent::new(
@@ -544,14 +571,7 @@ impl Spool {
         to: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
-        let tx = self.db.get()?.begin_read()?;
-        let events = tx.open_table(EVENTS)?;
-        let mut out = Vec::new();
-        for entry in events.range(from..to)?.take(limit) {
-            let (key, value) = entry?;
-            out.push((key.value(), value.value().to_vec()));
-        }
-        Ok(out)
+        Ok(log::read(&self.index, from, to, limit)?)
     }
 
     /// Up to `limit` committed events with `from <= seq < to`, in order, from the live tail;
@@ -641,26 +661,21 @@ impl Spool {
 
     /// Depth, oldest age and dead letters per sink; updates the gauges.
     pub fn status(&self) -> Result<SpoolStatus, SpoolError> {
-        let tx = self.db.get()?.begin_read()?;
-        let events = tx.open_table(EVENTS)?;
-        let cursors = tx.open_table(CURSORS)?;
-        let dead = tx.open_table(DEAD)?;
         let next = *self.committed.borrow();
         let mut sinks = Vec::with_capacity(self.sinks.len());
         for (i, sink) in self.sinks.iter().enumerate() {
-            let cursor = cursors
-                .get(sink.as_str())?
-                .map_or(self.start_cursor(i), |c| c.value());
-            let oldest = events
-                .range(cursor..)?
-                .next()
-                .transpose()?
-                .and_then(|(_, v)| WebhookRequest::decode(v.value()).ok())
+            let cursor = self.shared.cursors[i].load(Ordering::Acquire);
+            let oldest = log::read(&self.index, cursor, next, 1)?
+                .first()
+                .and_then(|(_, record)| WebhookRequest::decode(record).ok())
                 .and_then(|r| SystemTime::now().duration_since(r.received_at).ok())
                 .unwrap_or(Duration::ZERO);
-            let dead_letters = dead
-                .range((sink.as_str(), 0)..=(sink.as_str(), u64::MAX))?
-                .count() as u64;
+            let dead_letters = self
+                .shared
+                .dead
+                .lock()
+                .map_err(|_| SpoolError::Storage("dead letters unavailable".to_owned()))?
+                .count(sink);
             self.shared.metrics.oldest[i].set(oldest.as_secs_f64());
             sinks.push(SinkStatus {
                 sink: sink.clone(),
@@ -679,19 +694,16 @@ impl Spool {
 
     /// The dead letters, of one sink or of all.
     pub fn dead_letters(&self, sink: Option<&str>) -> Result<Vec<DeadLetter>, SpoolError> {
-        let tx = self.db.get()?.begin_read()?;
-        let dead = tx.open_table(DEAD)?;
-        let mut out = Vec::new();
-        for entry in dead.iter()? {
-            let (key, value) = entry?;
-            let (name, seq) = key.value();
-            if sink.is_none_or(|s| s == name) {
-                if let Some(letter) = decode_dead(name, seq, value.value()) {
-                    out.push(letter);
-                }
-            }
-        }
-        Ok(out)
+        let listed = self
+            .shared
+            .dead
+            .lock()
+            .map_err(|_| SpoolError::Storage("dead letters unavailable".to_owned()))?
+            .list(sink)?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|(name, seq, letter)| decode_dead(&name, seq, &letter))
+            .collect())
     }
 
     /// True when `id` was accepted recently and is durable: this delivery needs no second
@@ -812,17 +824,29 @@ impl Drop for Count<'_> {
     }
 }
 
-/// The writer thread: folds every queued command into one transaction.
+/// A dead letter waiting to be written: sink, sequence number, encoded letter.
+type PendingDead = (usize, u64, Vec<u8>);
+
+/// The writer thread: folds every queued command into one write.
 struct Writer {
-    db: Arc<Store>,
+    log: Log,
+    dir: PathBuf,
     shared: Arc<Shared>,
     sinks: Vec<String>,
     cursors: Vec<u64>,
-    persisted: Vec<u64>,
-    next_seq: u64,
+    /// The cursors last saved.
+    saved: Vec<u64>,
+    saved_at: Instant,
+    save_failed: bool,
+    /// Records below this were counted out of `bytes`.
     deleted_below: u64,
+    /// Dead letters not yet durable (a failed write is retried with the next batch); no
+    /// cursor is saved and no segment deleted past them.
+    pending_dead: Vec<PendingDead>,
+    /// The spool's lock, released with the writer.
+    _lock: std::fs::File,
     committed: watch::Sender<u64>,
-    /// Where a commit's replies go to be sent from the runtime; `None`: sent from here.
+    /// Where a write's replies go to be sent from the runtime; `None`: sent from here.
     confirmer: Option<mpsc::UnboundedSender<Vec<(Reply, u64)>>>,
 }
 
@@ -840,8 +864,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let mut appends = Vec::new();
-            let mut dead = Vec::new();
+            let mut appends: Vec<Append> = Vec::new();
             let mut forget = Vec::new();
             let mut purges = Vec::new();
             let mut probe = false;
@@ -863,96 +886,204 @@ impl Writer {
                         reason,
                         message,
                         record,
-                    } => dead.push((sink, seq, reason, message, record)),
+                    } => self.take_dead_letter(sink, seq, &reason, &message, record),
                     Command::Forget { sink, seq } => forget.push((sink, seq)),
                     Command::Purge { sink, done } => purges.push((sink, done)),
                     Command::Probe => probe = true,
                     Command::Stop => stop = true,
                 }
             }
-            let first_seq = self.next_seq;
-            let deleted_below = self.deleted_below;
-            match self.commit(&appends, &dead, &forget, &purges, probe) {
-                Ok((freed, purged)) => {
-                    self.shared.healthy.store(true, Ordering::Release);
-                    let bytes = self.shared.bytes.fetch_sub(freed, Ordering::AcqRel) - freed;
-                    if freed > 0 {
-                        self.shared.full.store(false, Ordering::Release);
-                    }
-                    self.shared.metrics.bytes.set(bytes as i64);
-                    self.persisted.clone_from(&self.cursors);
-                    for (i, cursor) in self.cursors.iter().enumerate() {
-                        self.shared.metrics.depth[i]
-                            .set(self.next_seq.saturating_sub(*cursor) as i64);
-                    }
-                    for (sink, ..) in &dead {
-                        if let Some(gauge) = self.shared.metrics.dead.get(*sink) {
-                            gauge.inc();
-                        }
-                    }
-                    for (sink, _) in &forget {
-                        if let Some(gauge) = self.shared.metrics.dead.get(*sink) {
-                            gauge.dec();
-                        }
-                    }
-                    for ((sink, done), count) in purges.into_iter().zip(purged) {
-                        for (i, gauge) in self.shared.metrics.dead.iter().enumerate() {
-                            if sink.is_none_or(|s| s == i) {
-                                gauge.set(0);
-                            }
-                        }
-                        let _ = done.send(Ok(count));
-                    }
-                    self.extend_tail(first_seq, &appends);
-                    let _ = self.committed.send(self.next_seq);
-                    let replies: Vec<(Reply, u64)> = appends
-                        .into_iter()
-                        .enumerate()
-                        .map(|(n, (_, _, done))| (done, first_seq + n as u64))
-                        .collect();
-                    match &self.confirmer {
-                        Some(confirmer) if !replies.is_empty() => {
-                            if let Err(unsent) = confirmer.send(replies) {
-                                for (done, seq) in unsent.0 {
-                                    let _ = done.send(Ok(seq));
-                                }
-                            }
-                        }
-                        _ => {
-                            for (done, seq) in replies {
+            self.write_appends(appends);
+            self.write_dead_letters(&forget, purges);
+            if probe {
+                self.probe();
+            }
+            self.advance(stop);
+        }
+        self.advance(true);
+    }
+
+    /// Keeps a dead letter for the next dead-letter write; the record is read from the log
+    /// now, while the sink's cursor has not passed it.
+    fn take_dead_letter(
+        &mut self,
+        sink: usize,
+        seq: u64,
+        reason: &str,
+        message: &str,
+        record: Option<Vec<u8>>,
+    ) {
+        let record = match record {
+            Some(record) => record,
+            None => match log::read(&self.log.index(), seq, seq + 1, 1) {
+                Ok(mut records) => records.pop().map(|(_, r)| r).unwrap_or_default(),
+                Err(error) => {
+                    tracing::error!(%error, seq, "spool: cannot read the record of a dead letter; it is kept without it");
+                    Vec::new()
+                }
+            },
+        };
+        self.pending_dead
+            .push((sink, seq, encode_dead(reason, message, &record)));
+    }
+
+    fn write_appends(&mut self, appends: Vec<Append>) {
+        if appends.is_empty() {
+            return;
+        }
+        let first_seq = self.log.next_seq();
+        match self
+            .log
+            .append(appends.iter().map(|(r, _, _)| r.as_slice()))
+        {
+            Ok(_) => {
+                self.shared.healthy.store(true, Ordering::Release);
+                self.extend_tail(first_seq, &appends);
+                let _ = self.committed.send(self.log.next_seq());
+                let replies: Vec<(Reply, u64)> = appends
+                    .into_iter()
+                    .enumerate()
+                    .map(|(n, (_, _, done))| (done, first_seq + n as u64))
+                    .collect();
+                match &self.confirmer {
+                    Some(confirmer) => {
+                        if let Err(unsent) = confirmer.send(replies) {
+                            for (done, seq) in unsent.0 {
                                 let _ = done.send(Ok(seq));
                             }
                         }
                     }
+                    None => {
+                        for (done, seq) in replies {
+                            let _ = done.send(Ok(seq));
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                self.shared.healthy.store(false, Ordering::Release);
+                self.shared.metrics.write_errors.inc();
+                tracing::error!(%error, records = appends.len(), "spool commit failed: the webhooks in it are answered 503");
+                for (record, _, done) in appends {
+                    self.shared
+                        .bytes
+                        .fetch_sub(record.len() as u64, Ordering::AcqRel);
+                    let _ = done.send(Err(SpoolError::Storage(error.to_string())));
+                }
+            }
+        }
+    }
+
+    /// Writes the pending dead letters and forgets (one fsync), then each purge.
+    fn write_dead_letters(&mut self, forget: &[(usize, u64)], purges: Vec<(Option<usize>, Reply)>) {
+        if self.pending_dead.is_empty() && forget.is_empty() && purges.is_empty() {
+            return;
+        }
+        let Ok(mut dead) = self.shared.dead.lock() else {
+            return;
+        };
+        let name = |i: usize| self.sinks.get(i).map_or("", String::as_str);
+        let mut ops: Vec<Op<'_>> = self
+            .pending_dead
+            .iter()
+            .map(|(sink, seq, letter)| Op::Add(name(*sink), *seq, letter))
+            .collect();
+        ops.extend(
+            forget
+                .iter()
+                .map(|(sink, seq)| Op::Forget(name(*sink), *seq)),
+        );
+        let mut failure = None;
+        if let Err(error) = dead.write(&ops) {
+            self.shared.metrics.write_errors.inc();
+            tracing::error!(%error, letters = self.pending_dead.len(), "spool: cannot write dead letters; retried with the next write (their sinks' cursors wait)");
+            failure = Some(error.to_string());
+        } else {
+            self.pending_dead.clear();
+        }
+        for (sink, done) in purges {
+            let result = match &failure {
+                Some(error) => Err(SpoolError::Storage(error.clone())),
+                None => {
+                    let count = match sink {
+                        Some(i) => dead.count(name(i)),
+                        None => self.sinks.iter().map(|s| dead.count(s)).sum(),
+                    };
+                    let sink_name = sink.map(name);
+                    dead.write(&[Op::Purge(sink_name)])
+                        .map(|()| count)
+                        .map_err(SpoolError::from)
+                }
+            };
+            let _ = done.send(result);
+        }
+        for (i, sink) in self.sinks.iter().enumerate() {
+            self.shared.metrics.dead[i].set(dead.count(sink) as i64);
+        }
+    }
+
+    /// A small fsynced write beside the log: whether the disk takes writes again.
+    fn probe(&mut self) {
+        let path = self.dir.join(".probe");
+        let result = std::fs::File::create(&path).and_then(|file| {
+            std::io::Write::write_all(&mut &file, &[0u8; 4096])?;
+            file.sync_data()
+        });
+        let _ = std::fs::remove_file(&path);
+        match result {
+            Ok(()) => self.shared.healthy.store(true, Ordering::Release),
+            Err(error) => tracing::debug!(%error, "spool: the disk still refuses writes"),
+        }
+    }
+
+    /// Frees what every sink finished, deletes the segments behind them, saves the cursors
+    /// (at most every [`CURSOR_SAVE_INTERVAL`]; durably when `closing`) and updates gauges.
+    fn advance(&mut self, closing: bool) {
+        let next = self.log.next_seq();
+        // Nothing passes a dead letter that is not durable yet.
+        let mut saveable = self.cursors.clone();
+        for (sink, seq, _) in &self.pending_dead {
+            if let Some(c) = saveable.get_mut(*sink) {
+                *c = (*c).min(*seq);
+            }
+        }
+        let low = saveable.iter().copied().min().unwrap_or(next);
+        if low > self.deleted_below {
+            let freed = self.log.payload_bytes(self.deleted_below, low);
+            self.deleted_below = low;
+            let bytes = self.shared.bytes.fetch_sub(freed, Ordering::AcqRel) - freed;
+            if freed > 0 {
+                self.shared.full.store(false, Ordering::Release);
+            }
+            self.shared.metrics.bytes.set(bytes as i64);
+            if let Err(error) = self.log.delete_below(low) {
+                tracing::warn!(%error, "spool: cannot delete a finished segment (retried later)");
+            }
+        }
+        for (i, cursor) in self.cursors.iter().enumerate() {
+            self.shared.cursors[i].store(*cursor, Ordering::Release);
+            self.shared.metrics.depth[i].set(next.saturating_sub(*cursor) as i64);
+        }
+        let due = closing || self.saved_at.elapsed() >= CURSOR_SAVE_INTERVAL;
+        if saveable != self.saved && due {
+            match save_cursors(&self.dir, &self.sinks, &saveable, closing) {
+                Ok(()) => {
+                    self.saved = saveable;
+                    self.saved_at = Instant::now();
+                    if std::mem::take(&mut self.save_failed) {
+                        tracing::info!("spool: cursors saved again");
+                    }
                 }
                 Err(error) => {
-                    self.next_seq = first_seq;
-                    self.deleted_below = deleted_below;
-                    self.cursors.clone_from(&self.persisted);
-                    self.shared.healthy.store(false, Ordering::Release);
-                    self.shared.metrics.write_errors.inc();
-                    tracing::error!(%error, records = appends.len(), "spool commit failed: the webhooks in it are answered 503");
-                    for (record, _, done) in appends {
-                        self.shared
-                            .bytes
-                            .fetch_sub(record.len() as u64, Ordering::AcqRel);
-                        let _ = done.send(Err(SpoolError::Storage(error.to_string())));
-                    }
-                    for (_, done) in purges {
-                        let _ = done.send(Err(SpoolError::Storage(error.to_string())));
-                    }
-                    // Dead letters and progress are sent again by their runners' next
-                    // progress; a dead letter lost here is delivered again after a restart.
-                    // redb refuses everything after an I/O error until it is reopened.
-                    if let Err(error) = self.db.reopen() {
-                        tracing::error!(%error, "spool: cannot reopen the store; retrying at the next write");
+                    if !std::mem::replace(&mut self.save_failed, true) {
+                        tracing::warn!(%error, "spool: cannot save the cursors (a restart would deliver more again)");
                     }
                 }
             }
         }
     }
 
-    /// Puts the events of a commit that started at `first_seq` in the live tail; an append
+    /// Puts the events of a write that started at `first_seq` in the live tail; an append
     /// without its event breaks the sequence, so the tail restarts after it.
     fn extend_tail(&self, first_seq: u64, appends: &[Append]) {
         if appends.is_empty() {
@@ -973,81 +1104,5 @@ impl Writer {
         while tail.len() > TAIL_EVENTS {
             tail.pop_front();
         }
-    }
-
-    /// One transaction: appends, dead letters, cursors, and the deletion of records every
-    /// sink is past. Durable (fsynced) when it holds appends or dead letters. Returns the
-    /// bytes freed.
-    fn commit(
-        &mut self,
-        appends: &[Append],
-        dead: &[DeadCommand],
-        forget: &[(usize, u64)],
-        purges: &[(Option<usize>, Reply)],
-        probe: bool,
-    ) -> Result<(u64, Vec<u64>), SpoolError> {
-        let mut tx = self.db.get()?.begin_write()?;
-        if appends.is_empty() && dead.is_empty() && purges.is_empty() && !probe {
-            // Progress only: losing it in a crash means delivering again, never losing.
-            tx.set_durability(Durability::None)?;
-        }
-        let mut freed = 0;
-        let mut purged = Vec::with_capacity(purges.len());
-        {
-            let mut events = tx.open_table(EVENTS)?;
-            for (record, _, _) in appends {
-                events.insert(self.next_seq, record.as_slice())?;
-                self.next_seq += 1;
-            }
-            let mut dead_table = tx.open_table(DEAD)?;
-            for (sink, seq, reason, message, record) in dead {
-                let record = match record {
-                    Some(record) => record.clone(),
-                    None => events
-                        .get(*seq)?
-                        .map(|v| v.value().to_vec())
-                        .unwrap_or_default(),
-                };
-                if let Some(name) = self.sinks.get(*sink) {
-                    dead_table.insert(
-                        (name.as_str(), *seq),
-                        encode_dead(reason, message, &record).as_slice(),
-                    )?;
-                }
-            }
-            for (sink, seq) in forget {
-                if let Some(name) = self.sinks.get(*sink) {
-                    dead_table.remove((name.as_str(), *seq))?;
-                }
-            }
-            for (sink, _) in purges {
-                let mut count = 0;
-                dead_table.retain(|(name, _), _| {
-                    let matches = match sink {
-                        Some(i) => self.sinks.get(*i).is_some_and(|s| s == name),
-                        None => true,
-                    };
-                    count += u64::from(matches);
-                    !matches
-                })?;
-                purged.push(count);
-            }
-            let mut cursors = tx.open_table(CURSORS)?;
-            for (i, cursor) in self.cursors.iter().enumerate() {
-                if self.persisted.get(i) != Some(cursor) {
-                    cursors.insert(self.sinks[i].as_str(), *cursor)?;
-                }
-            }
-            let low = self.cursors.iter().copied().min().unwrap_or(self.next_seq);
-            if low > self.deleted_below {
-                events.retain_in(self.deleted_below..low, |_, value| {
-                    freed += value.len() as u64;
-                    false
-                })?;
-                self.deleted_below = low;
-            }
-        }
-        tx.commit()?;
-        Ok((freed, purged))
     }
 }

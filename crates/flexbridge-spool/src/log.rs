@@ -1,0 +1,675 @@
+//! The spool's record log: append-only segment files in `<dir>/segments/`, each named by the
+//! sequence number of its first record. A record is a 16-byte header (payload length, CRC-32
+//! of sequence number and payload, sequence number) and the payload. One thread appends;
+//! many appends share one `write` and one `fdatasync` (group commit). Readers take a short
+//! lock on the in-memory index (one offset per record) and read with `pread`.
+//!
+//! After a crash the tail of the last segment may be torn: opening reads each segment up to
+//! the first record whose length, checksum or sequence number is wrong, and cuts the file
+//! there. What was acknowledged was fsynced, so it is always before that point.
+//!
+//! A segment is deleted once every sink is past its last record.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The first bytes of every segment.
+const MAGIC: &[u8; 8] = b"FBSPOOL1";
+/// Payload length (u32), CRC-32 (u32), sequence number (u64); little-endian.
+const HEADER: usize = 16;
+/// A payload larger than this is a torn or foreign record (webhook bodies are far smaller).
+const MAX_RECORD: usize = 64 << 20;
+
+/// One segment in the index.
+struct Segment {
+    first: u64,
+    path: PathBuf,
+    file: Arc<File>,
+    /// Where each record starts (a segment never exceeds 4 GiB).
+    offsets: Vec<u32>,
+    /// Where the last record ends.
+    len: u64,
+}
+
+impl Segment {
+    fn end_seq(&self) -> u64 {
+        self.first + self.offsets.len() as u64
+    }
+
+    /// Byte range of records `from..to` (indexes into this segment).
+    fn span(&self, from: usize, to: usize) -> (u64, u64) {
+        let start = self.offsets.get(from).map_or(self.len, |o| u64::from(*o));
+        let end = self.offsets.get(to).map_or(self.len, |o| u64::from(*o));
+        (start, end)
+    }
+}
+
+/// A run of records to read from one segment, copied out of the index.
+struct Run {
+    file: Arc<File>,
+    first_seq: u64,
+    start: u64,
+    end: u64,
+}
+
+/// The index readers and the writer share.
+#[derive(Default)]
+pub(crate) struct Index {
+    segments: VecDeque<Segment>,
+}
+
+impl Index {
+    /// The first record kept, if any.
+    fn first_seq(&self) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|s| !s.offsets.is_empty())
+            .map(|s| s.first)
+    }
+
+    /// One past the last record kept, or the start of an empty last segment (which keeps
+    /// the sequence going after everything was deleted).
+    fn end_seq(&self) -> Option<u64> {
+        self.segments.back().map(Segment::end_seq)
+    }
+
+    /// Payload bytes of the records with `from <= seq < to`.
+    fn payload_bytes(&self, from: u64, to: u64) -> u64 {
+        let mut bytes = 0;
+        for segment in &self.segments {
+            if segment.end_seq() <= from || segment.first >= to {
+                continue;
+            }
+            let i = usize::try_from(from.saturating_sub(segment.first)).unwrap_or(usize::MAX);
+            let j = usize::try_from(to - segment.first)
+                .unwrap_or(usize::MAX)
+                .min(segment.offsets.len());
+            let (start, end) = segment.span(i, j);
+            bytes += (end - start) - (HEADER as u64) * (j - i) as u64;
+        }
+        bytes
+    }
+}
+
+/// The log: the shared index plus what only the writer touches.
+pub(crate) struct Log {
+    dir: PathBuf,
+    index: Arc<Mutex<Index>>,
+    /// The segment appends go to; `None` until the next append creates one.
+    active: Option<Arc<File>>,
+    next_seq: u64,
+    segment_bytes: u64,
+    /// Set when a write failed; the active segment is then retired as soon as the spool is
+    /// empty, so a disk that was full gets its space back.
+    write_failed: bool,
+    buffer: Vec<u8>,
+}
+
+/// What opening found.
+pub(crate) struct Opened {
+    pub log: Log,
+    /// The first record kept (`next_seq` when none).
+    pub first_seq: u64,
+    /// Bytes cut from torn tails.
+    pub cut: u64,
+}
+
+fn lock(index: &Mutex<Index>) -> MutexGuard<'_, Index> {
+    index
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn checksum(seq: u64, payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&seq.to_le_bytes());
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+fn segment_name(first: u64) -> String {
+    format!("{first:020}.seg")
+}
+
+/// Makes a new directory entry durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn invalid(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+/// Reads the valid records of one segment; returns their offsets and where they end.
+fn scan(file: &File, path: &Path, expected_first: u64) -> io::Result<(Vec<u32>, u64)> {
+    let size = file.metadata()?.len();
+    let mut reader = io::BufReader::with_capacity(256 << 10, file);
+    let mut magic = [0u8; 8];
+    reader.read_exact(&mut magic)?;
+    if &magic != MAGIC {
+        return Err(invalid(format!(
+            "{} is not a flexbridge spool segment",
+            path.display()
+        )));
+    }
+    let mut offsets = Vec::new();
+    let mut at = MAGIC.len() as u64;
+    let mut payload = Vec::new();
+    loop {
+        let mut header = [0u8; HEADER];
+        if size - at < HEADER as u64 || reader.read_exact(&mut header).is_err() {
+            break;
+        }
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let mut seq_bytes = [0u8; 8];
+        seq_bytes.copy_from_slice(&header[8..16]);
+        let seq = u64::from_le_bytes(seq_bytes);
+        let expected = expected_first + offsets.len() as u64;
+        if len > MAX_RECORD || seq != expected || size - at - (HEADER as u64) < len as u64 {
+            break;
+        }
+        payload.resize(len, 0);
+        if reader.read_exact(&mut payload).is_err() || checksum(seq, &payload) != crc {
+            break;
+        }
+        let Ok(offset) = u32::try_from(at) else {
+            break;
+        };
+        offsets.push(offset);
+        at += (HEADER + len) as u64;
+    }
+    Ok((offsets, at))
+}
+
+impl Log {
+    /// Opens the segments in `dir/segments` (created if missing), cutting torn tails.
+    /// `min_next` is the lowest sequence number the next append may take (cursors can be
+    /// ahead of the records kept).
+    pub(crate) fn open(dir: &Path, segment_bytes: u64, min_next: u64) -> io::Result<Opened> {
+        let dir = dir.join("segments");
+        std::fs::create_dir_all(&dir)?;
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(first) = name
+                .strip_suffix(".seg")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                names.push((first, entry.path()));
+            }
+        }
+        names.sort();
+        let mut index = Index::default();
+        let mut cut = 0;
+        let count = names.len();
+        for (position, (first, path)) in names.into_iter().enumerate() {
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let size = file.metadata()?.len();
+            if size < MAGIC.len() as u64 {
+                // Created, not yet written when the process died: nothing was in it.
+                drop(file);
+                std::fs::remove_file(&path)?;
+                continue;
+            }
+            if let Some(previous) = index.segments.back() {
+                if first < previous.end_seq() {
+                    return Err(invalid(format!(
+                        "{} starts at record {first}, inside the previous segment (which ends at {})",
+                        path.display(),
+                        previous.end_seq()
+                    )));
+                }
+            }
+            let (offsets, len) = scan(&file, &path, first)?;
+            if len < size {
+                cut += size - len;
+                tracing::warn!(
+                    segment = %path.display(),
+                    bytes = size - len,
+                    "spool: cut a torn or unreadable tail (records never acknowledged)"
+                );
+                file.set_len(len)?;
+                file.sync_all()?;
+            }
+            if offsets.is_empty() && position + 1 < count {
+                drop(file);
+                std::fs::remove_file(&path)?;
+                continue;
+            }
+            index.segments.push_back(Segment {
+                first,
+                path,
+                file: Arc::new(file),
+                offsets,
+                len,
+            });
+        }
+        let first_seq = index.first_seq();
+        let next_seq = index.end_seq().unwrap_or(0).max(min_next);
+        // Appends go to the last segment only if it continues at `next_seq`.
+        let active = index
+            .segments
+            .back()
+            .filter(|s| s.end_seq() == next_seq && s.len < segment_bytes)
+            .map(|s| Arc::clone(&s.file));
+        // An empty last segment that is not continued would only confuse the next open.
+        if active.is_none() {
+            if let Some(last) = index.segments.back() {
+                if last.offsets.is_empty() {
+                    let path = last.path.clone();
+                    index.segments.pop_back();
+                    std::fs::remove_file(path)?;
+                }
+            }
+        }
+        Ok(Opened {
+            first_seq: first_seq.unwrap_or(next_seq),
+            cut,
+            log: Self {
+                dir,
+                index: Arc::new(Mutex::new(index)),
+                active,
+                next_seq,
+                segment_bytes,
+                write_failed: false,
+                buffer: Vec::new(),
+            },
+        })
+    }
+
+    /// The index, for readers.
+    pub(crate) fn index(&self) -> Arc<Mutex<Index>> {
+        Arc::clone(&self.index)
+    }
+
+    /// The sequence number of the next append.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Starts a segment at `next_seq`: its file, magic and directory entry made durable.
+    fn start_segment(&mut self) -> io::Result<Arc<File>> {
+        let path = self.dir.join(segment_name(self.next_seq));
+        let created = (|| {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            file.write_all_at(MAGIC, 0)?;
+            file.sync_data()?;
+            sync_dir(&self.dir)?;
+            Ok::<_, io::Error>(file)
+        })();
+        let file = match created {
+            Ok(file) => Arc::new(file),
+            Err(error) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(error);
+            }
+        };
+        lock(&self.index).segments.push_back(Segment {
+            first: self.next_seq,
+            path,
+            file: Arc::clone(&file),
+            offsets: Vec::new(),
+            len: MAGIC.len() as u64,
+        });
+        self.active = Some(Arc::clone(&file));
+        Ok(file)
+    }
+
+    /// Appends `records` durably (one write, one fdatasync); returns the first one's sequence
+    /// number. On failure nothing of them is kept and the log takes appends again.
+    pub(crate) fn append<'a>(
+        &mut self,
+        records: impl ExactSizeIterator<Item = &'a [u8]>,
+    ) -> io::Result<u64> {
+        let first_seq = self.next_seq;
+        if records.len() == 0 {
+            return Ok(first_seq);
+        }
+        let (file, len) = {
+            let index = lock(&self.index);
+            match (&self.active, index.segments.back()) {
+                (Some(file), Some(last)) if last.len < self.segment_bytes => {
+                    (Some(Arc::clone(file)), last.len)
+                }
+                _ => (None, 0),
+            }
+        };
+        let (file, len) = match file {
+            Some(file) => (file, len),
+            None => {
+                self.active = None;
+                let file = self
+                    .start_segment()
+                    .inspect_err(|_| self.write_failed = true)?;
+                (file, MAGIC.len() as u64)
+            }
+        };
+        let mut offsets = Vec::with_capacity(records.len());
+        let mut buffer = std::mem::take(&mut self.buffer);
+        buffer.clear();
+        let mut seq = first_seq;
+        for record in records {
+            let offset = u32::try_from(len + buffer.len() as u64)
+                .map_err(|_| invalid("segment over 4 GiB".to_owned()))?;
+            offsets.push(offset);
+            let payload_len = u32::try_from(record.len())
+                .ok()
+                .filter(|l| *l as usize <= MAX_RECORD)
+                .ok_or_else(|| invalid(format!("record of {} bytes", record.len())))?;
+            buffer.extend_from_slice(&payload_len.to_le_bytes());
+            buffer.extend_from_slice(&checksum(seq, record).to_le_bytes());
+            buffer.extend_from_slice(&seq.to_le_bytes());
+            buffer.extend_from_slice(record);
+            seq += 1;
+        }
+        let written = file
+            .write_all_at(&buffer, len)
+            .and_then(|()| file.sync_data());
+        let end = len + buffer.len() as u64;
+        // Large batches are rare; keep the buffer from pinning their size.
+        if buffer.capacity() <= 4 << 20 {
+            self.buffer = buffer;
+        }
+        if let Err(error) = written {
+            self.write_failed = true;
+            // Undo the partial write so the next batch starts on a record boundary; if even
+            // that fails, the next batch starts a new segment (the torn bytes are cut at the
+            // next open).
+            if file.set_len(len).is_err() {
+                self.retire_active();
+            }
+            return Err(error);
+        }
+        let mut index = lock(&self.index);
+        if let Some(last) = index.segments.back_mut() {
+            last.offsets.extend_from_slice(&offsets);
+            last.len = end;
+        }
+        self.next_seq = seq;
+        Ok(first_seq)
+    }
+
+    /// Stops appending to the active segment; an empty one is deleted.
+    fn retire_active(&mut self) {
+        self.active = None;
+        let mut index = lock(&self.index);
+        if index.segments.back().is_some_and(|s| s.offsets.is_empty()) {
+            if let Some(last) = index.segments.pop_back() {
+                let _ = std::fs::remove_file(last.path);
+            }
+        }
+    }
+
+    /// Payload bytes of the records with `from <= seq < to`.
+    pub(crate) fn payload_bytes(&self, from: u64, to: u64) -> u64 {
+        lock(&self.index).payload_bytes(from, to)
+    }
+
+    /// Deletes the segments whose records are all below `low`. The active segment goes too
+    /// when every record is below `low` and it is large or a write failed (a disk that was
+    /// full gets its space back). Returns the number of segments deleted.
+    pub(crate) fn delete_below(&mut self, low: u64) -> io::Result<usize> {
+        let mut doomed = Vec::new();
+        {
+            let mut index = lock(&self.index);
+            while index.segments.len() > 1
+                && index.segments.front().is_some_and(|s| s.end_seq() <= low)
+            {
+                if let Some(segment) = index.segments.pop_front() {
+                    doomed.push(segment.path);
+                }
+            }
+            let retire = index.segments.len() == 1
+                && index.segments.front().is_some_and(|s| {
+                    s.end_seq() <= low
+                        && !s.offsets.is_empty()
+                        && (self.write_failed || s.len >= self.segment_bytes / 4)
+                });
+            if retire {
+                if let Some(segment) = index.segments.pop_front() {
+                    doomed.push(segment.path);
+                }
+                self.active = None;
+            }
+        }
+        let count = doomed.len();
+        for path in doomed {
+            std::fs::remove_file(path)?;
+        }
+        if count > 0 && self.active.is_none() {
+            self.write_failed = false;
+            // An empty segment named after the next sequence number keeps the numbering
+            // going across a restart (dead letters are keyed by it); if the disk refuses
+            // even that, the next append tries again.
+            if let Err(error) = self.start_segment() {
+                tracing::debug!(%error, "spool: cannot start a segment yet");
+            }
+        }
+        Ok(count)
+    }
+}
+
+/// Up to `limit` records with `from <= seq < to`, in order, checked against their checksums.
+pub(crate) fn read(
+    index: &Mutex<Index>,
+    from: u64,
+    to: u64,
+    limit: usize,
+) -> io::Result<Vec<(u64, Vec<u8>)>> {
+    let mut runs = Vec::new();
+    {
+        let index = lock(index);
+        let mut left = limit;
+        for segment in &index.segments {
+            if left == 0 || segment.first >= to {
+                break;
+            }
+            if segment.end_seq() <= from {
+                continue;
+            }
+            let i = usize::try_from(from.saturating_sub(segment.first)).unwrap_or(usize::MAX);
+            let j = usize::try_from(to - segment.first)
+                .unwrap_or(usize::MAX)
+                .min(segment.offsets.len())
+                .min(i.saturating_add(left));
+            if i >= j {
+                continue;
+            }
+            let (start, end) = segment.span(i, j);
+            runs.push(Run {
+                file: Arc::clone(&segment.file),
+                first_seq: segment.first + i as u64,
+                start,
+                end,
+            });
+            left -= j - i;
+        }
+    }
+    let mut out = Vec::new();
+    for run in runs {
+        let mut bytes = vec![0u8; usize::try_from(run.end - run.start).unwrap_or(0)];
+        run.file.read_exact_at(&mut bytes, run.start)?;
+        let mut at = 0;
+        let mut seq = run.first_seq;
+        while at < bytes.len() {
+            let header = bytes
+                .get(at..at + HEADER)
+                .ok_or_else(|| invalid(format!("record {seq}: truncated header")))?;
+            let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+            let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+            let payload = bytes
+                .get(at + HEADER..at + HEADER + len)
+                .ok_or_else(|| invalid(format!("record {seq}: truncated payload")))?;
+            if checksum(seq, payload) != crc {
+                return Err(invalid(format!("record {seq}: checksum mismatch")));
+            }
+            out.push((seq, payload.to_vec()));
+            at += HEADER + len;
+            seq += 1;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn records(n: usize, from: usize) -> Vec<Vec<u8>> {
+        (from..from + n)
+            .map(|i| format!("record {i}").repeat(i % 7 + 1).into_bytes())
+            .collect()
+    }
+
+    fn append(log: &mut Log, records: &[Vec<u8>]) -> u64 {
+        log.append(records.iter().map(Vec::as_slice)).unwrap()
+    }
+
+    #[test]
+    fn records_come_back_in_order_across_segments_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = records(300, 0);
+        {
+            let mut log = Log::open(dir.path(), 4096, 0).unwrap().log;
+            for chunk in all.chunks(7) {
+                append(&mut log, chunk);
+            }
+            assert!(lock(&log.index).segments.len() > 3, "it rolled");
+            let back = read(&log.index, 0, 300, 1000).unwrap();
+            assert_eq!(
+                back.iter().map(|r| &r.1).collect::<Vec<_>>(),
+                all.iter().collect::<Vec<_>>()
+            );
+            assert_eq!(read(&log.index, 10, 20, 4).unwrap().len(), 4, "limit");
+            assert_eq!(read(&log.index, 295, 1000, 100).unwrap().len(), 5);
+        }
+        let opened = Log::open(dir.path(), 4096, 0).unwrap();
+        assert_eq!((opened.first_seq, opened.cut), (0, 0));
+        assert_eq!(opened.log.next_seq(), 300);
+        let back = read(&opened.log.index, 0, 300, 1000).unwrap();
+        assert_eq!(back.len(), 300);
+        assert!(back
+            .iter()
+            .enumerate()
+            .all(|(i, (seq, r))| *seq == i as u64 && *r == all[i]));
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_appends_continue_after_the_last_good_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), 1 << 20, 0).unwrap().log;
+        append(&mut log, &records(10, 0));
+        let path = lock(&log.index).segments[0].path.clone();
+        drop(log);
+        let good = std::fs::metadata(&path).unwrap().len();
+        // A crash in the middle of a write: half a record, then garbage after a whole one.
+        let file = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut torn = Vec::new();
+        torn.extend_from_slice(&5u32.to_le_bytes());
+        torn.extend_from_slice(&checksum(10, b"hello").to_le_bytes());
+        torn.extend_from_slice(&10u64.to_le_bytes());
+        torn.extend_from_slice(b"hel");
+        std::io::Write::write_all(&mut &file, &torn).unwrap();
+        drop(file);
+        let opened = Log::open(dir.path(), 1 << 20, 0).unwrap();
+        assert_eq!(opened.cut, torn.len() as u64);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), good);
+        let mut log = opened.log;
+        assert_eq!(log.next_seq(), 10);
+        append(&mut log, &records(2, 10));
+        let back = read(&log.index, 0, 100, 100).unwrap();
+        assert_eq!(back.len(), 12);
+        assert_eq!(back[11].1, records(1, 11)[0]);
+    }
+
+    #[test]
+    fn a_corrupted_record_ends_the_log_there_and_reads_report_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), 1 << 20, 0).unwrap().log;
+        append(&mut log, &records(5, 0));
+        let (path, offset) = {
+            let index = lock(&log.index);
+            (index.segments[0].path.clone(), index.segments[0].offsets[3])
+        };
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(b"X", u64::from(offset) + HEADER as u64)
+            .unwrap();
+        let error = read(&log.index, 0, 5, 5).unwrap_err();
+        assert!(error.to_string().contains("record 3: checksum"), "{error}");
+        drop(log);
+        let opened = Log::open(dir.path(), 1 << 20, 0).unwrap();
+        assert_eq!(opened.log.next_seq(), 3);
+        assert!(opened.cut > 0);
+    }
+
+    #[test]
+    fn segments_below_every_cursor_are_deleted_and_bytes_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), 4096, 0).unwrap().log;
+        let all = records(200, 0);
+        for chunk in all.chunks(10) {
+            append(&mut log, chunk);
+        }
+        let total: u64 = all.iter().map(|r| r.len() as u64).sum();
+        assert_eq!(log.payload_bytes(0, 200), total);
+        assert_eq!(log.payload_bytes(5, 6), all[5].len() as u64);
+        let segments = lock(&log.index).segments.len();
+        assert!(log.delete_below(100).unwrap() > 0);
+        let index = lock(&log.index);
+        assert!(index.segments.len() < segments);
+        assert!(index.first_seq().unwrap() <= 100);
+        drop(index);
+        assert_eq!(read(&log.index, 100, 200, 1000).unwrap().len(), 100);
+        // Everything finished: the last segment goes (a quarter of the segment size), an
+        // empty one named after the next record keeps the numbering.
+        log.delete_below(200).unwrap();
+        let index = lock(&log.index);
+        assert_eq!(index.segments.len(), 1);
+        assert_eq!(
+            (index.segments[0].first, index.segments[0].offsets.len()),
+            (200, 0)
+        );
+        drop(index);
+        let reopened = Log::open(dir.path(), 4096, 0).unwrap();
+        assert_eq!(reopened.log.next_seq(), 200);
+        // Cursors can be ahead of every record kept.
+        let ahead = Log::open(dir.path(), 4096, 500).unwrap();
+        assert_eq!(ahead.log.next_seq(), 500);
+    }
+
+    #[test]
+    fn after_a_failed_write_the_empty_spool_gives_its_segment_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), 1 << 20, 0).unwrap().log;
+        append(&mut log, &records(3, 0));
+        log.write_failed = true;
+        assert_eq!(log.delete_below(3).unwrap(), 1);
+        assert!(lock(&log.index).segments[0].offsets.is_empty());
+        assert_eq!(append(&mut log, &records(1, 3)), 3);
+        assert_eq!(read(&log.index, 0, 10, 10).unwrap()[0].0, 3);
+    }
+
+    #[test]
+    fn a_foreign_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("segments")).unwrap();
+        std::fs::write(
+            dir.path().join("segments").join(segment_name(0)),
+            b"not a segment",
+        )
+        .unwrap();
+        let error = Log::open(dir.path(), 1 << 20, 0).err().unwrap();
+        assert!(error.to_string().contains("not a flexbridge spool segment"));
+    }
+}
