@@ -568,15 +568,19 @@ pub fn amqp_url() -> String {
 
 /// Reads every message of `queue` (message ids), then deletes the queue and the exchange.
 pub fn drain_and_delete(exchange: &str, queue: &str) -> Vec<String> {
+    drain_and_delete_at(&amqp_url(), exchange, queue)
+}
+
+/// [`drain_and_delete`] on the broker at `url`.
+pub fn drain_and_delete_at(url: &str, exchange: &str, queue: &str) -> Vec<String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let connection =
-            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
-                .await
-                .unwrap();
+        let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
         let channel = connection.create_channel().await.unwrap();
         let mut ids = Vec::new();
         while let Some(m) = match queue {

@@ -6,7 +6,8 @@ use flexbridge_core::metrics::Metrics;
 use flexbridge_core::{ContentMode, EventKind, Limits, Secret, Sink, SinkConfig, SinkContext};
 use flexbridge_sink_rabbitmq::{Argument, Declare, QueueDeclare, RabbitMqSink, RabbitMqSinkConfig};
 use flexbridge_testkit::{
-    assert_publishes_pipelined, cut_under_load_and_recover, event, every_kind, unique, TcpProxy,
+    assert_publishes_pipelined, cut_under_load_and_recover, event, every_kind, unique, RabbitNode,
+    TcpProxy,
 };
 use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::AMQPValue;
@@ -260,7 +261,7 @@ async fn amqps_verifies_the_configured_ca() {
     let dir = tempfile::tempdir().unwrap();
     let pki = flexbridge_testkit::test_pki(dir.path(), "rabbit");
     let other = flexbridge_testkit::test_pki(dir.path(), "other");
-    let node = PrivateNode::start(Some((&pki.cert, &pki.key)));
+    let node = RabbitNode::start(Some((&pki.cert, &pki.key)));
     let port = node.tls_port.unwrap();
     let mut c = config(
         format!("amqps://guest:guest@localhost:{port}/%2f"),
@@ -290,121 +291,11 @@ async fn amqps_verifies_the_configured_ca() {
     assert!(err.to_string().contains("certificate"), "{err}");
 }
 
-/// A RabbitMQ node of the test's own (the shared broker must not raise alarms under other
-/// tests): its own port, data and log directories; shut down and deleted when dropped.
-struct PrivateNode {
-    name: String,
-    port: u16,
-    /// The `amqps` listener, when started with a certificate.
-    tls_port: Option<u16>,
-    /// Held for its drop: the node's data and logs are deleted with it.
-    _dir: tempfile::TempDir,
-    process: std::process::Child,
-}
-
-impl PrivateNode {
-    /// Starts a node; with `tls` (certificate, key), it also listens for `amqps`.
-    fn start(tls: Option<(&std::path::Path, &std::path::Path)>) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        for sub in ["mnesia", "log"] {
-            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
-        }
-        let tls_port = tls.map(|(cert, key)| {
-            let port = flexbridge_testkit::free_port();
-            // Copied in, so the rabbitmq user can read them.
-            std::fs::copy(cert, dir.path().join("cert.pem")).unwrap();
-            std::fs::copy(key, dir.path().join("key.pem")).unwrap();
-            std::fs::write(
-                dir.path().join("rabbitmq.conf"),
-                format!(
-                    "listeners.ssl.default = {port}\nssl_options.certfile = {}\nssl_options.keyfile = {}\nssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n",
-                    dir.path().join("cert.pem").display(),
-                    dir.path().join("key.pem").display()
-                ),
-            )
-            .unwrap();
-            port
-        });
-        // rabbitmq-server drops to the rabbitmq user when started as root.
-        let _ = std::process::Command::new("chown")
-            .args(["-R", "rabbitmq:rabbitmq"])
-            .arg(dir.path())
-            .status();
-        let (port, dist) = (
-            flexbridge_testkit::free_port(),
-            flexbridge_testkit::free_port(),
-        );
-        let name = format!("fbtest{port}@localhost");
-        let path = |p: &str| dir.path().join(p);
-        let process = std::process::Command::new("rabbitmq-server")
-            .env("RABBITMQ_NODENAME", &name)
-            .env("RABBITMQ_NODE_PORT", port.to_string())
-            .env("RABBITMQ_DIST_PORT", dist.to_string())
-            .env("RABBITMQ_MNESIA_BASE", path("mnesia"))
-            .env("RABBITMQ_LOG_BASE", path("log"))
-            .env("RABBITMQ_PID_FILE", path("pid"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", path("plugins"))
-            .env("RABBITMQ_FEATURE_FLAGS_FILE", path("feature_flags"))
-            .env("RABBITMQ_QUORUM_DIR", path("quorum"))
-            .env("RABBITMQ_STREAM_DIR", path("stream"))
-            .env(
-                "RABBITMQ_CONFIG_FILE",
-                path(if tls_port.is_some() {
-                    "rabbitmq.conf"
-                } else {
-                    "none"
-                }),
-            )
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("rabbitmq-server");
-        let node = Self {
-            name,
-            port,
-            tls_port,
-            _dir: dir,
-            process,
-        };
-        let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", tls_port.unwrap_or(port))).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "the private RabbitMQ node did not start"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        node
-    }
-
-    fn ctl(&self, args: &[&str]) {
-        let status = std::process::Command::new("rabbitmqctl")
-            .args(["-n", &self.name])
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "rabbitmqctl {args:?}");
-    }
-}
-
-impl Drop for PrivateNode {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["-n", &self.name, "shutdown"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status();
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
-
 /// A memory alarm makes the broker block publishing connections (`connection.blocked`);
 /// publishes then wait without an error, so health must say it, and clear once lifted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_blocked_by_a_broker_alarm_shows_in_health() {
-    let node = PrivateNode::start(None);
+    let node = RabbitNode::start(None);
     let exchange = unique("fbtest.blocked.");
     let queue = unique("fbtest.blockedq.");
     let c = config(

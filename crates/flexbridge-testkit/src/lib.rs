@@ -518,3 +518,114 @@ impl Drop for ProxiedBroker {
         let _ = self.child.wait();
     }
 }
+
+/// A RabbitMQ node of a test's own (the shared broker must not raise alarms or restart under
+/// other tests): its own port, data and log directories; shut down and deleted when dropped.
+/// Needs `rabbitmq-server` and `rabbitmqctl` (Debian's rabbitmq-server) and root, as CI has.
+pub struct RabbitNode {
+    /// Its node name, for `rabbitmqctl -n`.
+    pub name: String,
+    /// Its AMQP port.
+    pub port: u16,
+    /// The `amqps` listener, when started with a certificate.
+    pub tls_port: Option<u16>,
+    /// Held for its drop: the node's data and logs are deleted with it.
+    _dir: tempfile::TempDir,
+    process: std::process::Child,
+}
+
+impl RabbitNode {
+    /// Starts a node; with `tls` (certificate, key), it also listens for `amqps`.
+    pub fn start(tls: Option<(&std::path::Path, &std::path::Path)>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["mnesia", "log"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        let tls_port = tls.map(|(cert, key)| {
+            let port = free_port();
+            // Copied in, so the rabbitmq user can read them.
+            std::fs::copy(cert, dir.path().join("cert.pem")).unwrap();
+            std::fs::copy(key, dir.path().join("key.pem")).unwrap();
+            std::fs::write(
+                dir.path().join("rabbitmq.conf"),
+                format!(
+                    "listeners.ssl.default = {port}\nssl_options.certfile = {}\nssl_options.keyfile = {}\nssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n",
+                    dir.path().join("cert.pem").display(),
+                    dir.path().join("key.pem").display()
+                ),
+            )
+            .unwrap();
+            port
+        });
+        // rabbitmq-server drops to the rabbitmq user when started as root.
+        let _ = std::process::Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(dir.path())
+            .status();
+        let (port, dist) = (free_port(), free_port());
+        let name = format!("fbtest{port}@localhost");
+        let path = |p: &str| dir.path().join(p);
+        let process = std::process::Command::new("rabbitmq-server")
+            .env("RABBITMQ_NODENAME", &name)
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist.to_string())
+            .env("RABBITMQ_MNESIA_BASE", path("mnesia"))
+            .env("RABBITMQ_LOG_BASE", path("log"))
+            .env("RABBITMQ_PID_FILE", path("pid"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", path("plugins"))
+            .env("RABBITMQ_FEATURE_FLAGS_FILE", path("feature_flags"))
+            .env("RABBITMQ_QUORUM_DIR", path("quorum"))
+            .env("RABBITMQ_STREAM_DIR", path("stream"))
+            .env(
+                "RABBITMQ_CONFIG_FILE",
+                path(if tls_port.is_some() {
+                    "rabbitmq.conf"
+                } else {
+                    "none"
+                }),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("rabbitmq-server");
+        let node = Self {
+            name,
+            port,
+            tls_port,
+            _dir: dir,
+            process,
+        };
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", tls_port.unwrap_or(port))).is_err() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "the private RabbitMQ node did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        node
+    }
+
+    /// Runs `rabbitmqctl -n <node> <args>`; panics when it fails.
+    pub fn ctl(&self, args: &[&str]) {
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["-n", &self.name])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "rabbitmqctl {args:?}");
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-n", &self.name, "shutdown"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
