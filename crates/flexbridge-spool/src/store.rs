@@ -94,10 +94,8 @@ enum Command {
         event: Option<Arc<Event>>,
         done: Reply,
     },
-    Progress {
-        sink: usize,
-        cursor: u64,
-    },
+    /// Cursors moved (see [`Shared::reported`]).
+    Wake,
     DeadLetter {
         sink: usize,
         seq: u64,
@@ -149,6 +147,11 @@ struct Shared {
     tail: Mutex<std::collections::VecDeque<(u64, Arc<Event>)>>,
     /// Per sink, the cursor the writer holds (for status).
     cursors: Vec<AtomicU64>,
+    /// Per sink, the latest cursor its runner reported. Progress comes with every event:
+    /// the writer reads these once per loop instead of taking a command per event.
+    reported: Vec<AtomicU64>,
+    /// A [`Command::Wake`] is queued; the writer clears it when it starts a loop.
+    wake_pending: AtomicBool,
     dead: Mutex<DeadLetters>,
 }
 
@@ -456,6 +459,8 @@ impl Spool {
             metrics,
             tail: Mutex::new(std::collections::VecDeque::with_capacity(TAIL_EVENTS)),
             cursors: start_cursors.iter().map(|c| AtomicU64::new(*c)).collect(),
+            reported: start_cursors.iter().map(|c| AtomicU64::new(*c)).collect(),
+            wake_pending: AtomicBool::new(false),
             dead: Mutex::new(dead),
         });
         let (commands, receiver) = mpsc::unbounded_channel();
@@ -591,10 +596,13 @@ impl Spool {
 
     /// Sink `index` finished every record below `cursor`.
     pub fn progress(&self, index: usize, cursor: u64) {
-        let _ = self.commands.send(Command::Progress {
-            sink: index,
-            cursor,
-        });
+        if let Some(reported) = self.shared.reported.get(index) {
+            reported.fetch_max(cursor, Ordering::AcqRel);
+            // One wake per writer loop, however many events finished meanwhile.
+            if !self.shared.wake_pending.swap(true, Ordering::AcqRel) {
+                let _ = self.commands.send(Command::Wake);
+            }
+        }
     }
 
     /// Sink `index` refused record `seq` for good: keep it in the dead letters. `record` is
@@ -854,14 +862,30 @@ impl Writer {
     fn run(mut self, mut receiver: mpsc::UnboundedReceiver<Command>) {
         let mut stop = false;
         while !stop {
-            let Some(first) = receiver.blocking_recv() else {
-                break;
+            // A set flag whose Wake was already drained by an earlier loop still means a
+            // cursor this writer has not read: loop without waiting.
+            let first = if self.shared.wake_pending.load(Ordering::Acquire) {
+                Command::Wake
+            } else {
+                match receiver.blocking_recv() {
+                    Some(command) => command,
+                    None => break,
+                }
             };
+            self.shared.wake_pending.swap(false, Ordering::AcqRel);
+            // Read before draining the commands: a runner sends a dead letter before it
+            // reports a cursor past it, so every dead letter those cursors pass is in the
+            // drained batch, taken before anything is deleted.
+            let reported = self.reported();
             let mut batch = vec![first];
+            let mut drained = false;
             while batch.len() < MAX_BATCH {
                 match receiver.try_recv() {
                     Ok(command) => batch.push(command),
-                    Err(_) => break,
+                    Err(_) => {
+                        drained = true;
+                        break;
+                    }
                 }
             }
             let mut appends: Vec<Append> = Vec::new();
@@ -875,11 +899,7 @@ impl Writer {
                         event,
                         done,
                     } => appends.push((record, event, done)),
-                    Command::Progress { sink, cursor } => {
-                        if let Some(c) = self.cursors.get_mut(sink) {
-                            *c = (*c).max(cursor);
-                        }
-                    }
+                    Command::Wake => {}
                     Command::DeadLetter {
                         sink,
                         seq,
@@ -898,9 +918,31 @@ impl Writer {
             if probe {
                 self.probe();
             }
+            if drained {
+                self.take_reported(&reported);
+            }
             self.advance(stop);
         }
+        // Only with nothing left unread (a dead letter in it would be passed).
+        if receiver.try_recv().is_err() {
+            let reported = self.reported();
+            self.take_reported(&reported);
+        }
         self.advance(true);
+    }
+
+    fn reported(&self) -> Vec<u64> {
+        self.shared
+            .reported
+            .iter()
+            .map(|c| c.load(Ordering::Acquire))
+            .collect()
+    }
+
+    fn take_reported(&mut self, reported: &[u64]) {
+        for (cursor, reported) in self.cursors.iter_mut().zip(reported) {
+            *cursor = (*cursor).max(*reported);
+        }
     }
 
     /// Keeps a dead letter for the next dead-letter write; the record is read from the log
