@@ -250,6 +250,11 @@ impl DeadLetters {
         self.index.keys().map(|(_, seq)| *seq).max()
     }
 
+    /// Letters of every sink, configured or not.
+    pub(crate) fn len(&self) -> u64 {
+        self.index.len() as u64
+    }
+
     /// Letters per sink.
     pub(crate) fn count(&self, sink: &str) -> u64 {
         self.index

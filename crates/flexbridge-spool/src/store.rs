@@ -1049,7 +1049,7 @@ impl Writer {
                 None => {
                     let count = match sink {
                         Some(i) => dead.count(name(i)),
-                        None => self.sinks.iter().map(|s| dead.count(s)).sum(),
+                        None => dead.len(),
                     };
                     let sink_name = sink.map(name);
                     dead.write(&[Op::Purge(sink_name)])
