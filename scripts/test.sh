@@ -18,12 +18,15 @@ python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ig
   -r scripts/requirements-test.txt
 
 cargo fmt --all -- --check
-# Supply chain: licenses, bans and sources from deny.toml (offline: the crates are already
+# Supply chain: licenses, bans and sources from deny.toml (offline once the crates are
 # fetched). cargo-deny is installed once, like tansu. The advisory database lives on GitHub:
 # it is checked only when reachable.
 if ! cargo deny --version >/dev/null 2>&1; then
   cargo install --locked cargo-deny@0.20.2
 fi
+# cargo-deny reads the metadata of every target's dependencies, Windows-only ones included,
+# which a build on Linux never downloads: fetch them all first (from crates.io).
+cargo fetch --locked
 cargo deny --offline check licenses bans sources
 if timeout 10 git ls-remote https://github.com/rustsec/advisory-db HEAD >/dev/null 2>&1; then
   cargo deny check advisories
