@@ -15,7 +15,8 @@
 #                                 durable queue; kafka: tansu (scripts/kafka.sh), 3 partitions.
 #   ceiling-rabbitmq, ceiling-nats  the broker's own ceiling: a plain client (the sink crates'
 #                                 `*_ceiling` examples) with $CONCURRENCY publishes awaiting their
-#                                 acknowledgement, same message properties, no HTTP.
+#                                 acknowledgement, same message properties, no HTTP; its CPU per
+#                                 message is what the client crate itself costs.
 #   delay-rabbitmq, delay-nats    confirm mode through the testkit proxy adding $DELAY_MS to
 #                                 every broker-to-client packet (a broker in another zone).
 #   spool-<sink>                  delivery.mode = "spool", broker healthy: answered once durable
@@ -78,14 +79,23 @@ bare=$(simulate_to "$port" --duration "$DURATION")
 bare_cpu=$(( $(ticks) - before ))
 kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
 results=()
+# A ceiling row: the plain client's figures and its own CPU time (user + system, in clock
+# ticks, from GNU time), so its CPU per message stands beside flexbridge's per event.
+ceiling() {
+  local row=$1; shift
+  local out cpu
+  out=$(/usr/bin/time -f "%U %S" -o "$work/ceiling.time" "$@")
+  cpu=$(awk -v tck="$(getconf CLK_TCK)" '{print int(($1 + $2) * tck)}' "$work/ceiling.time")
+  results+=("$row|$out|null|$cpu|$(field "$out" sent)|0")
+}
 
 for row in $ROWS; do
   case "$row" in
     ceiling-rabbitmq)
-      results+=("$row|$("$TARGET/release/examples/rabbitmq_ceiling" --url "$AMQP_URL" --duration "$seconds" --in-flight "$CONCURRENCY")|null|0|0|0")
+      ceiling "$row" "$TARGET/release/examples/rabbitmq_ceiling" --url "$AMQP_URL" --duration "$seconds" --in-flight "$CONCURRENCY"
       continue ;;
     ceiling-nats)
-      results+=("$row|$("$TARGET/release/examples/nats_ceiling" --url "$NATS_URL" --duration "$seconds" --in-flight "$CONCURRENCY" --storage "$NATS_STORAGE")|null|0|0|0")
+      ceiling "$row" "$TARGET/release/examples/nats_ceiling" --url "$NATS_URL" --duration "$seconds" --in-flight "$CONCURRENCY" --storage "$NATS_STORAGE"
       continue ;;
   esac
   mode=${row%%-*}; sink=${row#*-}
@@ -192,7 +202,10 @@ for row in sys.argv[8:]:
     entry = {"row": name, "rate": full["rate"], "x_bare": full["rate"] / bare["rate"],
              "p50_ms": full["latency_ms"]["p50"], "p99_ms": full["latency_ms"]["p99"]}
     if name.startswith("ceiling-"):
-        print(f"{name} (plain client, no HTTP): {full['rate']:.0f} msg/s  {lat(full)}")
+        if events:
+            entry["cpu_us"] = cpu / tck / events * 1e6
+        cpu_text = f"  client CPU per message {entry['cpu_us']:.1f} us" if "cpu_us" in entry else ""
+        print(f"{name} (plain client, no HTTP): {full['rate']:.0f} msg/s  {lat(full)}{cpu_text}")
         doc["rows"].append(entry)
         continue
     cpu_us = cpu / tck / events * 1e6 if events else None

@@ -72,7 +72,7 @@ ax.set_title("Webhook latency as the load generator sees it\n" + subtitle, fonts
 ax.legend(fontsize=8)
 save(fig, "latency.png")
 
-with_cpu = [r for r in measured if r.get("cpu_us")]
+with_cpu = [r for r in rows if r.get("cpu_us")]  # ceilings too: the client crate's own cost
 fig, ax = plt.subplots(figsize=(11, 5))
 ax.bar([r["row"] for r in with_cpu], [r["cpu_us"] for r in with_cpu], color=[color(r["row"]) for r in with_cpu])
 ax.axhline(bare["cpu_us"], color="black", linestyle="--", linewidth=1, label=f"bare hyper {bare['cpu_us']:.1f} us")
@@ -93,7 +93,8 @@ lines = ["| row | req/s | × bare | × ceiling | p50 / p99 ms (full) | p50 / p99
          f"| bare hyper | {bare['rate']:,.0f} | 1.00 | | {bare['p50_ms']:.1f} / {bare['p99_ms']:.1f} | | {bare['cpu_us']:.1f} | |"]
 for r in rows:
     if r["row"].startswith("ceiling-"):
-        lines.append(f"| {r['row']} (plain client) | {r['rate']:,.0f} | {r['x_bare']:.2f} | 1.00 | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | | | |")
+        cpu = f"{r['cpu_us']:.1f}" if r.get("cpu_us") else ""
+        lines.append(f"| {r['row']} (plain client) | {r['rate']:,.0f} | {r['x_bare']:.2f} | 1.00 | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | | {cpu} | |")
         continue
     ceiling = f"{r['x_ceiling']:.2f}" if "x_ceiling" in r else ""
     cpu = f"{r['cpu_us']:.1f}" if r.get("cpu_us") else ""
