@@ -81,7 +81,8 @@ ax.axhline(20, color="purple", linestyle=":", linewidth=1, label="target: broker
 for r in with_cpu:
     ax.text(r["row"], r["cpu_us"], f"{r['cpu_us']:.1f}", ha="center", va="bottom", fontsize=8)
 ax.set_ylabel("flexbridge CPU microseconds per event (user + system)")
-ax.set_title("flexbridge's own CPU per event at full load (spool rows include the background delivery)\n" + subtitle, fontsize=9)
+ax.set_title("flexbridge's own CPU per event at full load (spool rows include the background delivery;\n"
+             "grey: the plain client's own CPU per message, no HTTP)\n" + subtitle, fontsize=9)
 ax.legend(fontsize=8)
 plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
 save(fig, "cpu.png")
