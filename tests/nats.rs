@@ -235,22 +235,13 @@ fn real_nats_restart(mode: &str) {
         spool.path().display()
     ));
     wait_ready(&d);
-    let target = d.url(PATH);
-    let traffic = std::thread::spawn(move || {
-        simulate_with(
-            &target,
-            TOKEN,
-            &["--duration", "12s", "--rate", "50", "--concurrency", "8"],
-        )
+    let sent = traffic_through_restart(&d, PATH, TOKEN, |up| {
+        if up {
+            server.up()
+        } else {
+            server.down()
+        }
     });
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    server.down();
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    server.up();
-    let summary = traffic.join().unwrap();
-    let sent = summary["sent"].as_u64().unwrap();
-    assert!(sent >= 400, "{summary}");
-    assert_eq!(summary["status"]["200"], sent, "{summary}");
     wait_delivered(&d, "jetstream", std::time::Duration::from_secs(60));
     drop(d);
     let ids: std::collections::HashSet<String> = runtime().block_on(async {

@@ -194,22 +194,9 @@ fn real_rabbitmq_restart(mode: &str) {
         spool.path().display()
     ));
     wait_ready(&d);
-    let target = d.url(PATH);
-    let traffic = std::thread::spawn(move || {
-        simulate_with(
-            &target,
-            TOKEN,
-            &["--duration", "12s", "--rate", "50", "--concurrency", "16"],
-        )
+    let sent = traffic_through_restart(&d, PATH, TOKEN, |up| {
+        node.ctl(&[if up { "start_app" } else { "stop_app" }])
     });
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    node.ctl(&["stop_app"]);
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    node.ctl(&["start_app"]);
-    let summary = traffic.join().unwrap();
-    let sent = summary["sent"].as_u64().unwrap();
-    assert!(sent >= 400, "{summary}");
-    assert_eq!(summary["status"]["200"], sent, "{summary}");
     if mode == "confirm" {
         assert!(d.metric("flexbridge_sink_retries_total{sink=\"rabbit\"}") > 0.0);
     } else {

@@ -741,3 +741,31 @@ pub fn confirm_through_a_short_cut(daemon: &Daemon, path: &str, token: &str, pro
     assert_eq!(summary["status"]["200"], sent, "{summary}");
     sent
 }
+
+/// Steady signed traffic (50 req/s for 12 s) to `daemon` while the broker is stopped 3 s in
+/// (`broker(false)`) and started 3 s later (`broker(true)`): a real broker restart. Checks
+/// that every webhook got 200 and returns how many were sent.
+pub fn traffic_through_restart(
+    daemon: &Daemon,
+    path: &str,
+    token: &str,
+    mut broker: impl FnMut(bool),
+) -> u64 {
+    let (target, token) = (daemon.url(path), token.to_owned());
+    let traffic = std::thread::spawn(move || {
+        simulate_with(
+            &target,
+            &token,
+            &["--duration", "12s", "--rate", "50", "--concurrency", "16"],
+        )
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    broker(false);
+    std::thread::sleep(Duration::from_secs(3));
+    broker(true);
+    let summary = traffic.join().unwrap();
+    let sent = summary["sent"].as_u64().unwrap();
+    assert!(sent >= 400, "{summary}");
+    assert_eq!(summary["status"]["200"], sent, "{summary}");
+    sent
+}
