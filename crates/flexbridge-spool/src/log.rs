@@ -227,7 +227,8 @@ impl Log {
                 }
             }
             let (offsets, len) = scan(&file, &path, first)?;
-            if len < size {
+            if len < size && position + 1 == count {
+                // Only the last segment is written to, so only its tail can be torn by a crash.
                 cut += size - len;
                 tracing::warn!(
                     segment = %path.display(),
@@ -236,6 +237,16 @@ impl Log {
                 );
                 file.set_len(len)?;
                 file.sync_all()?;
+            } else if len < size {
+                // An earlier segment was complete once: a bad record there is a write that
+                // failed and could not be undone, or damage on disk. Its bytes stay in the
+                // file for whoever investigates; the records after it are skipped.
+                tracing::error!(
+                    segment = %path.display(),
+                    readable = offsets.len(),
+                    unreadable_bytes = size - len,
+                    "spool: a segment has unreadable records; they are skipped and kept on disk"
+                );
             }
             if offsets.is_empty() && position + 1 < count {
                 drop(file);
@@ -611,6 +622,38 @@ mod tests {
         let opened = Log::open(dir.path(), 1 << 20, 0).unwrap();
         assert_eq!(opened.log.next_seq(), 3);
         assert!(opened.cut > 0);
+    }
+
+    #[test]
+    fn damage_in_an_earlier_segment_is_skipped_never_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), 4096, 0).unwrap().log;
+        for chunk in records(300, 0).chunks(5) {
+            append(&mut log, chunk);
+        }
+        let (path, offset, end) = {
+            let index = lock(&log.index);
+            assert!(index.segments.len() > 2);
+            let first = &index.segments[0];
+            (first.path.clone(), first.offsets[2], first.end_seq())
+        };
+        drop(log);
+        let size = std::fs::metadata(&path).unwrap().len();
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(b"X", u64::from(offset) + HEADER as u64)
+            .unwrap();
+        let opened = Log::open(dir.path(), 4096, 0).unwrap();
+        assert_eq!(opened.cut, 0);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            size,
+            "kept on disk"
+        );
+        let back = read(&opened.log.index, 0, 300, 1000).unwrap();
+        let seqs: Vec<u64> = back.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs[..2], [0, 1]);
+        assert_eq!(seqs[2], end, "skips to the next segment");
+        assert_eq!(opened.log.next_seq(), 300);
     }
 
     #[test]
