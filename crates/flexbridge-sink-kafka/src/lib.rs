@@ -124,7 +124,8 @@ pub struct KafkaSinkConfig {
     /// below `delivery.ack_timeout`.
     #[serde(default = "default_message_timeout", with = "humantime_serde")]
     pub message_timeout: Duration,
-    /// `linger.ms`: how long the producer waits to batch records under load.
+    /// `linger.ms`: how long the producer waits to batch records under load (1 ms by
+    /// default; 0 makes one request per record).
     #[serde(default = "default_linger", with = "humantime_serde")]
     pub linger: Duration,
     /// librdkafka properties (e.g. `security.protocol`, `sasl.mechanisms`, `sasl.username`,
@@ -140,8 +141,11 @@ fn default_topic() -> String {
 fn default_message_timeout() -> Duration {
     Duration::from_secs(5)
 }
+/// With 64 webhooks waiting, throughput is about 64 / latency, and the linger is most of the
+/// latency: in one run of the bench against tansu, 1 ms gave 31.0k req/s at 18 µs per event,
+/// 2 ms 19.7-20.3k, and 0 ms 21.3k at 49.5 µs (a request per record).
 fn default_linger() -> Duration {
-    Duration::from_millis(2)
+    Duration::from_millis(1)
 }
 
 impl KafkaSinkConfig {
