@@ -62,6 +62,26 @@ fn encode(op: &Op<'_>, out: &mut Vec<u8>) {
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// The body length and checksum in a frame's header (`header` holds at least [`HEADER`] bytes).
+fn frame_header(header: &[u8]) -> (usize, u32) {
+    let word =
+        |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    (word(0) as usize, word(4))
+}
+
+/// Applies every frame of `buffer`, written at file offset `base`, to `index`.
+fn apply_frames(index: &mut BTreeMap<(String, u64), Place>, buffer: &[u8], base: u64) {
+    let mut at = 0;
+    while let Some(header) = buffer.get(at..at + HEADER) {
+        let (len, _) = frame_header(header);
+        let Some(body) = buffer.get(at + HEADER..at + HEADER + len) else {
+            break;
+        };
+        let _ = apply(index, body, base + (at + HEADER) as u64);
+        at += HEADER + len;
+    }
+}
+
 /// Where a letter's content is in the file.
 #[derive(Clone, Copy)]
 struct Place {
@@ -75,7 +95,6 @@ pub(crate) struct DeadLetters {
     file: Arc<File>,
     len: u64,
     index: BTreeMap<(String, u64), Place>,
-    live_bytes: u64,
 }
 
 /// Applies one decoded body at `offset` (the body's start) to the index.
@@ -128,8 +147,8 @@ impl DeadLetters {
             if size - at < HEADER as u64 || reader.read_exact(&mut header).is_err() {
                 break;
             }
-            let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as u64;
-            let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+            let (len, crc) = frame_header(&header);
+            let len = len as u64;
             if size - at - (HEADER as u64) < len {
                 break;
             }
@@ -152,13 +171,11 @@ impl DeadLetters {
             file.set_len(at)?;
             file.sync_all()?;
         }
-        let live_bytes = index.values().map(|p: &Place| u64::from(p.len)).sum();
         Ok(Self {
             path,
             file: Arc::new(file),
             len: at,
             index,
-            live_bytes,
         })
     }
 
@@ -169,9 +186,7 @@ impl DeadLetters {
             return Ok(());
         }
         let mut buffer = Vec::new();
-        let mut starts = Vec::with_capacity(ops.len());
         for op in ops {
-            starts.push(buffer.len() as u64);
             encode(op, &mut buffer);
         }
         let written = self
@@ -182,17 +197,10 @@ impl DeadLetters {
             let _ = self.file.set_len(self.len);
             return Err(error);
         }
-        for start in starts {
-            let at = usize::try_from(start).unwrap_or(usize::MAX);
-            let body_len =
-                u32::from_le_bytes([buffer[at], buffer[at + 1], buffer[at + 2], buffer[at + 3]])
-                    as usize;
-            let body = &buffer[at + HEADER..at + HEADER + body_len];
-            let _ = apply(&mut self.index, body, self.len + start + HEADER as u64);
-        }
+        apply_frames(&mut self.index, &buffer, self.len);
         self.len += buffer.len() as u64;
-        self.live_bytes = self.index.values().map(|p| u64::from(p.len)).sum();
-        if self.len > COMPACT_AFTER && self.len > 4 * self.live_bytes {
+        let live_bytes: u64 = self.index.values().map(|p| u64::from(p.len)).sum();
+        if self.len > COMPACT_AFTER && self.len > 4 * live_bytes {
             if let Err(error) = self.compact() {
                 tracing::warn!(%error, "spool: cannot compact the dead letters (retried later)");
             }
@@ -221,18 +229,7 @@ impl DeadLetters {
             sync_dir(dir)?;
         }
         let mut index = BTreeMap::new();
-        let mut at = 0usize;
-        while at < buffer.len() {
-            let len =
-                u32::from_le_bytes([buffer[at], buffer[at + 1], buffer[at + 2], buffer[at + 3]])
-                    as usize;
-            let _ = apply(
-                &mut index,
-                &buffer[at + HEADER..at + HEADER + len],
-                (at + HEADER) as u64,
-            );
-            at += HEADER + len;
-        }
+        apply_frames(&mut index, &buffer, 0);
         self.file = Arc::new(file);
         self.len = buffer.len() as u64;
         self.index = index;

@@ -135,6 +135,18 @@ fn segment_name(first: u64) -> String {
     format!("{first:020}.seg")
 }
 
+/// Payload length, checksum and sequence number in a record's header (`header` holds at
+/// least [`HEADER`] bytes).
+fn record_header(header: &[u8]) -> (usize, u32, u64) {
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&header[8..16]);
+    (
+        u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize,
+        u32::from_le_bytes([header[4], header[5], header[6], header[7]]),
+        u64::from_le_bytes(seq),
+    )
+}
+
 /// Makes a new directory entry durable.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -164,11 +176,7 @@ fn scan(file: &File, path: &Path, expected_first: u64) -> io::Result<(Vec<u32>, 
         if size - at < HEADER as u64 || reader.read_exact(&mut header).is_err() {
             break;
         }
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        let mut seq_bytes = [0u8; 8];
-        seq_bytes.copy_from_slice(&header[8..16]);
-        let seq = u64::from_le_bytes(seq_bytes);
+        let (len, crc, seq) = record_header(&header);
         let expected = expected_first + offsets.len() as u64;
         if len > MAX_RECORD || seq != expected || size - at - (HEADER as u64) < len as u64 {
             break;
@@ -516,8 +524,7 @@ pub(crate) fn read(
             let header = bytes
                 .get(at..at + HEADER)
                 .ok_or_else(|| invalid(format!("record {seq}: truncated header")))?;
-            let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-            let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+            let (len, crc, _) = record_header(header);
             let payload = bytes
                 .get(at + HEADER..at + HEADER + len)
                 .ok_or_else(|| invalid(format!("record {seq}: truncated payload")))?;
