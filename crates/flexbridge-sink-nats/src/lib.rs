@@ -6,6 +6,7 @@
 //! flight on the same connection.
 
 mod config;
+mod outbox;
 
 pub use config::{NatsSinkConfig, NatsTls, Retention, ServerUrls, Storage, StreamConfig};
 
@@ -40,6 +41,8 @@ pub struct NatsSink {
     name: String,
     client: async_nats::Client,
     jetstream: Option<jetstream::Context>,
+    /// Where JetStream publishes queue up to reach the client in bursts.
+    outbox: Option<outbox::Outbox>,
     subject: Template,
     content_mode: ContentMode,
     /// One wildcard subject per event kind, to check that a stream captures it.
@@ -214,6 +217,7 @@ impl SinkConfig for NatsSinkConfig {
         Ok(NatsSink {
             name: config.name.clone(),
             client,
+            outbox: jetstream.clone().map(outbox::Outbox::start),
             jetstream,
             subject,
             content_mode: config.content_mode,
@@ -233,9 +237,10 @@ impl NatsSink {
             headers.insert("Content-Type", encoded.content_type);
         }
         for (name, value) in encoded.headers() {
-            let value: std::borrow::Cow<'_, str> =
-                percent_encoding::utf8_percent_encode(value, HEADER_VALUE).into();
-            headers.insert(name, value.as_ref());
+            // A static name and an owned value: no copy beyond the one the value needs.
+            let value: String =
+                percent_encoding::utf8_percent_encode(value, HEADER_VALUE).collect();
+            headers.insert(async_nats::header::HeaderName::from_static(name), value);
         }
         (headers, encoded.payload.clone())
     }
@@ -368,9 +373,19 @@ impl Sink for NatsSink {
                     .payload(payload)
                     .headers(headers)
                     .message_id(event.id());
-                let ack = match js.send_publish(subject, message).await {
-                    Ok(pending) => pending.await,
-                    Err(error) => Err(error),
+                let queued = match &self.outbox {
+                    Some(outbox) => outbox.send_publish(subject, message).await,
+                    None => Some(js.send_publish(subject, message).await),
+                };
+                let ack = match queued {
+                    Some(Ok(pending)) => pending.await,
+                    Some(Err(error)) => Err(error),
+                    None => {
+                        return Err(SinkError::retryable(
+                            "publish_failed",
+                            "the publishing task stopped",
+                        ))
+                    }
                 };
                 let ack = match ack {
                     Ok(ack) => ack,

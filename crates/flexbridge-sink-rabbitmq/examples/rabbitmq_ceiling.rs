@@ -30,6 +30,9 @@ struct Args {
     /// Payload bytes (the sink's binary-mode payload is about this size).
     #[arg(long, default_value_t = 370)]
     size: usize,
+    /// Publishing channels, each in confirm mode; publishers take them in turn.
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
     /// Instead of measuring: delete this queue and the exchange of the same name (the bench
     /// starts and ends each RabbitMQ row with an empty queue, as the ceiling has).
     #[arg(long)]
@@ -90,12 +93,25 @@ async fn main() {
         .await
         .expect("bind");
 
+    let mut channels = vec![channel.clone()];
+    for _ in 1..args.channels.max(1) {
+        let extra = connection.create_channel().await.expect("channel");
+        extra
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm_select");
+        channels.push(extra);
+    }
     let payload = vec![b'x'; args.size];
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let started = Instant::now();
     let mut workers = Vec::new();
     for worker in 0..args.in_flight {
-        let (channel, exchange, payload) = (channel.clone(), name.clone(), payload.clone());
+        let (channel, exchange, payload) = (
+            channels[worker % channels.len()].clone(),
+            name.clone(),
+            payload.clone(),
+        );
         workers.push(tokio::spawn(async move {
             let mut latency =
                 Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
