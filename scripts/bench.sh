@@ -149,6 +149,13 @@ TOML
       nats) "$TARGET/release/examples/nats_ceiling" --url "$NATS_URL" --delete FLEXBRIDGE_BENCH ;;
     esac
   }
+  # Emptied again between the full-load and the half-load run, the queue or stream kept.
+  purge() {
+    case "$sink" in
+      rabbitmq) "$TARGET/release/examples/rabbitmq_ceiling" --url "$AMQP_URL" --purge flexbridge.bench ;;
+      nats) "$TARGET/release/examples/nats_ceiling" --url "$NATS_URL" --purge FLEXBRIDGE_BENCH ;;
+    esac
+  }
   empty
   "$BIN" --log-level error run --config "$config" 2>"$work/$row.log" &
   pid=$!
@@ -167,6 +174,7 @@ TOML
   [ "$mode" = spool ] && { drained || echo "bench: $row did not drain in 120 s" >&2; }
   cpu=$(( $(ticks) - before )); events=$(( $(count) - events_before ))
   [ "$mode" = spool ] && drained
+  purge
   half=$(simulate_to "$port" --duration "$DURATION" --rate "$(python3 -c "print(round($(field "$full" rate)/2))")")
   rss=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=

@@ -33,6 +33,10 @@ struct Args {
     /// with an empty stream, as the ceiling has).
     #[arg(long)]
     delete: Option<String>,
+    /// Instead of measuring: empty this stream and keep it (the bench empties a row's stream
+    /// between its full-load and half-load runs while flexbridge keeps publishing to it).
+    #[arg(long)]
+    purge: Option<String>,
 }
 
 #[tokio::main]
@@ -42,6 +46,12 @@ async fn main() {
     let js = jetstream::new(client.clone());
     if let Some(name) = &args.delete {
         let _ = js.delete_stream(name).await;
+        return;
+    }
+    if let Some(name) = &args.purge {
+        if let Ok(stream) = js.get_stream(name).await {
+            let _ = stream.purge().await;
+        }
         return;
     }
     let name = format!("FLEXBRIDGE_CEILING_{}", std::process::id());

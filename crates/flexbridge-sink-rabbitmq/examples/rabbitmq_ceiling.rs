@@ -10,7 +10,7 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
@@ -37,6 +37,10 @@ struct Args {
     /// starts and ends each RabbitMQ row with an empty queue, as the ceiling has).
     #[arg(long)]
     delete: Option<String>,
+    /// Instead of measuring: empty this queue and keep it (the bench empties a row's queue
+    /// between its full-load and half-load runs while flexbridge keeps publishing to it).
+    #[arg(long)]
+    purge: Option<String>,
 }
 
 #[tokio::main]
@@ -48,6 +52,13 @@ async fn main() {
     let channel = connection.create_channel().await.expect("channel");
     if let Some(name) = &args.delete {
         delete(&connection, &channel, name).await;
+        return;
+    }
+    if let Some(name) = &args.purge {
+        let _ = channel
+            .queue_purge(name.as_str().into(), QueuePurgeOptions::default())
+            .await;
+        let _ = connection.close(200, "done".into()).await;
         return;
     }
     channel
