@@ -54,7 +54,12 @@ impl Outbox {
                 }
                 counted.fetch_add(1, Ordering::Relaxed);
                 for job in burst.drain(..) {
-                    // A publisher that gave up (its deadline passed) no longer listens.
+                    // A publisher that gave up (its deadline passed, its request ended) is not
+                    // published for: it answered or retried, and a late copy would only be a
+                    // duplicate for the stream to drop.
+                    if job.queued.is_closed() {
+                        continue;
+                    }
                     let _ = job
                         .queued
                         .send(js.send_publish(job.subject, job.message).await);
@@ -133,6 +138,45 @@ mod tests {
             bursts <= 3,
             "64 publishes ready together took {bursts} bursts"
         );
+    }
+
+    /// A publish whose caller stopped waiting before the outbox reached it is not sent.
+    #[tokio::test]
+    async fn a_publish_nobody_waits_for_any_more_is_not_sent() {
+        use futures::FutureExt as _;
+        let client = async_nats::connect(nats_url())
+            .await
+            .expect("a NATS server with JetStream");
+        let js = jetstream::new(client);
+        let name = flexbridge_testkit::unique("FLEXBRIDGE_OUTBOX").replace(['.', '-'], "_");
+        let subject = format!("{name}.events");
+        js.create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            storage: stream::StorageType::Memory,
+            ..stream::Config::default()
+        })
+        .await
+        .expect("stream");
+        let outbox = Outbox::start(js.clone());
+        let message = |id: &str| PublishMessage::build().payload("x".into()).message_id(id);
+        // Queued, then abandoned at once: the outbox task has not run yet.
+        assert!(outbox
+            .send_publish(subject.clone(), message("abandoned"))
+            .now_or_never()
+            .is_none());
+        let ack = match outbox.send_publish(subject.clone(), message("kept")).await {
+            Some(Ok(pending)) => pending.await.expect("ack"),
+            _ => panic!("the second publish was not queued"),
+        };
+        let mut stream = js.get_stream(&name).await.expect("stream");
+        let messages = stream.info().await.expect("info").state.messages;
+        let _ = js.delete_stream(&name).await;
+        assert_eq!(
+            ack.sequence, 1,
+            "the abandoned publish took no sequence number"
+        );
+        assert_eq!(messages, 1);
     }
 
     async fn publish_64(outbox: Arc<Outbox>, subject: String) -> Vec<u64> {
