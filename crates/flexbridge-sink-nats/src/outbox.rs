@@ -98,17 +98,12 @@ mod tests {
     use super::*;
     use async_nats::jetstream::stream;
 
-    fn nats_url() -> String {
-        std::env::var("FLEXBRIDGE_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
-    }
-
-    /// Publishes that become ready in the same scheduler pass reach the client as one burst,
-    /// and every one of them still gets its own ack. One worker thread, as under load: a
-    /// task woken by the running one runs next, which without the outbox's wait would hand
-    /// over nearly every publish alone. Needs the NATS server (never skips).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-    async fn publishes_ready_together_leave_in_one_burst_each_with_its_own_ack() {
-        let client = async_nats::connect(nats_url())
+    /// A memory stream of the test's own on the NATS server (never skips when it is missing):
+    /// the context, the stream's name and its subject. The test deletes it.
+    async fn fresh_stream() -> (jetstream::Context, String, String) {
+        let url = std::env::var("FLEXBRIDGE_NATS_URL")
+            .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
+        let client = async_nats::connect(url)
             .await
             .expect("a NATS server with JetStream");
         let js = jetstream::new(client);
@@ -122,6 +117,16 @@ mod tests {
         })
         .await
         .expect("stream");
+        (js, name, subject)
+    }
+
+    /// Publishes that become ready in the same scheduler pass reach the client as one burst,
+    /// and every one of them still gets its own ack. One worker thread, as under load: a
+    /// task woken by the running one runs next, which without the outbox's wait would hand
+    /// over nearly every publish alone. Needs the NATS server (never skips).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn publishes_ready_together_leave_in_one_burst_each_with_its_own_ack() {
+        let (js, name, subject) = fresh_stream().await;
         let outbox = Arc::new(Outbox::start(js.clone()));
         // Spawned from a worker, so that all 64 are ready in the same pass.
         let driver = {
@@ -144,20 +149,7 @@ mod tests {
     #[tokio::test]
     async fn a_publish_nobody_waits_for_any_more_is_not_sent() {
         use futures::FutureExt as _;
-        let client = async_nats::connect(nats_url())
-            .await
-            .expect("a NATS server with JetStream");
-        let js = jetstream::new(client);
-        let name = flexbridge_testkit::unique("FLEXBRIDGE_OUTBOX").replace(['.', '-'], "_");
-        let subject = format!("{name}.events");
-        js.create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![subject.clone()],
-            storage: stream::StorageType::Memory,
-            ..stream::Config::default()
-        })
-        .await
-        .expect("stream");
+        let (js, name, subject) = fresh_stream().await;
         let outbox = Outbox::start(js.clone());
         let message = |id: &str| PublishMessage::build().payload("x".into()).message_id(id);
         // Queued, then abandoned at once: the outbox task has not run yet.
