@@ -131,24 +131,38 @@ async fn main() {
                 n += 1;
                 let sent = Instant::now();
                 let mut headers = FieldTable::default();
-                for header in [
-                    "cloudEvents_specversion",
-                    "cloudEvents_source",
-                    "cloudEvents_subject",
-                    "cloudEvents_time",
-                    "cloudEvents_dataschema",
-                    "cloudEvents_flexaccountsid",
+                // What the sink sends in binary mode for a typical event: every CloudEvents
+                // attribute but the content type, with values of the same lengths.
+                for (header, value) in [
+                    ("cloudEvents_specversion", "1.0"),
+                    ("cloudEvents_id", "5e4a8c25e109f40ea69b88349cf50257"),
+                    (
+                        "cloudEvents_source",
+                        "/twilio/accounts/AC8c8e24da3e1b3d45f914b4f8ebfc73c5/flex/interactions",
+                    ),
+                    (
+                        "cloudEvents_type",
+                        "com.twilio.flex.interactions.interaction.created",
+                    ),
+                    ("cloudEvents_subject", "KDe9bef2ca293c6ec7e1bd6a9f14db1248"),
+                    ("cloudEvents_time", "2026-12-01T11:37:26.766Z"),
+                    (
+                        "cloudEvents_dataschema",
+                        "urn:flexbridge:schema:FlexInteractions.InteractionCreated:1",
+                    ),
+                    (
+                        "cloudEvents_partitionkey",
+                        "KDe9bef2ca293c6ec7e1bd6a9f14db1248",
+                    ),
                 ] {
                     headers.insert(
                         header.into(),
-                        AMQPValue::LongString(LongString::from(
-                            "AC6cc6c0214ebb8cff8474535aaa544929",
-                        )),
+                        AMQPValue::LongString(LongString::from(value)),
                     );
                 }
                 let properties = BasicProperties::default()
                     .with_delivery_mode(2)
-                    .with_message_id(format!("{worker}-{n}").into())
+                    .with_message_id(format!("{:032x}", (worker as u64) << 40 | n).into())
                     .with_timestamp(1)
                     .with_app_id("flexbridge".into())
                     .with_type("com.twilio.flex.interactions.channel.status-updated.v1".into())
