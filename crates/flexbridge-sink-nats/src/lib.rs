@@ -30,6 +30,12 @@ use std::time::Duration;
 /// `flexbridge_sink_duplicates_total{sink}`.
 const DUPLICATES: &str = "flexbridge_sink_duplicates_total";
 
+/// The JetStream side of a sink: the context, and the outbox its publishes go through.
+struct JetStream {
+    context: jetstream::Context,
+    outbox: outbox::Outbox,
+}
+
 /// What validation parsed: the subject template and the server addresses.
 pub struct NatsPlan {
     subject: Template,
@@ -40,9 +46,8 @@ pub struct NatsPlan {
 pub struct NatsSink {
     name: String,
     client: async_nats::Client,
-    jetstream: Option<jetstream::Context>,
-    /// Where JetStream publishes queue up to reach the client in bursts.
-    outbox: Option<outbox::Outbox>,
+    /// Present unless `jetstream = false`.
+    jetstream: Option<JetStream>,
     subject: Template,
     content_mode: ContentMode,
     /// One wildcard subject per event kind, to check that a stream captures it.
@@ -202,9 +207,13 @@ impl SinkConfig for NatsSinkConfig {
         // Not waiting for the first connection: the listener starts at once, the health check
         // reports the sink until it is connected, and a publish meanwhile is retried.
         let jetstream = config.jetstream.then(|| {
-            jetstream::ContextBuilder::new()
+            let context = jetstream::ContextBuilder::new()
                 .timeout(config.ack_timeout)
-                .build(client.clone())
+                .build(client.clone());
+            JetStream {
+                outbox: outbox::Outbox::start(context.clone()),
+                context,
+            }
         });
         if !config.jetstream {
             tracing::warn!(sink = %config.name, "jetstream = false: core NATS publish is at-most-once; an event acknowledged to Twilio can be lost");
@@ -217,7 +226,6 @@ impl SinkConfig for NatsSinkConfig {
         Ok(NatsSink {
             name: config.name.clone(),
             client,
-            outbox: jetstream.clone().map(outbox::Outbox::start),
             jetstream,
             subject,
             content_mode: config.content_mode,
@@ -357,7 +365,10 @@ impl Sink for NatsSink {
         }
         let (headers, payload) = self.encode(event);
         match &self.jetstream {
-            Some(js) => {
+            Some(JetStream {
+                context: js,
+                outbox,
+            }) => {
                 // The stream this sink provisions must exist before its first publish, or
                 // JetStream answers "no responders" and the event would count as refused for
                 // good. The health check provisions it too; whichever runs first does it.
@@ -373,11 +384,7 @@ impl Sink for NatsSink {
                     .payload(payload)
                     .headers(headers)
                     .message_id(event.id());
-                let queued = match &self.outbox {
-                    Some(outbox) => outbox.send_publish(subject, message).await,
-                    None => Some(js.send_publish(subject, message).await),
-                };
-                let ack = match queued {
+                let ack = match outbox.send_publish(subject, message).await {
                     Some(Ok(pending)) => pending.await,
                     Some(Err(error)) => Err(error),
                     None => {
@@ -419,7 +426,7 @@ impl Sink for NatsSink {
                 "not connected to NATS",
             ));
         }
-        let Some(js) = &self.jetstream else {
+        let Some(JetStream { context: js, .. }) = &self.jetstream else {
             return Ok(());
         };
         self.provision(js).await?;
