@@ -19,37 +19,40 @@ pub enum FormError {
 /// Decodes `name=value&...` into pairs in arrival order; repeated names are kept, `+` is a
 /// space, an empty segment is skipped and a segment without `=` has an empty value.
 pub fn parse(input: &[u8]) -> Result<Vec<(String, String)>, FormError> {
-    let mut pairs = Vec::with_capacity(12);
+    // One validation for the whole input: every slice cut at an ASCII `&` or `=` of valid
+    // UTF-8 is valid UTF-8, so the segments need no second look.
+    let text = std::str::from_utf8(input).map_err(|_| FormError::InvalidUtf8)?;
+    let mut pairs = Vec::with_capacity(16);
     let mut offset = 0;
-    for segment in input.split(|&b| b == b'&') {
+    for segment in text.split('&') {
         let start = offset;
         offset += segment.len() + 1;
         if segment.is_empty() {
             continue;
         }
-        let (name, value, value_at) = match segment.iter().position(|&b| b == b'=') {
-            Some(eq) => (&segment[..eq], &segment[eq + 1..], start + eq + 1),
-            None => (segment, &segment[segment.len()..], start + segment.len()),
+        let (name, value, value_at) = match segment.split_once('=') {
+            Some((name, value)) => (name, value, start + name.len() + 1),
+            None => (segment, "", start + segment.len()),
         };
         pairs.push((decode(name, start)?, decode(value, value_at)?));
     }
     Ok(pairs)
 }
 
-fn decode(raw: &[u8], at: usize) -> Result<String, FormError> {
-    if !raw.iter().any(|&b| b == b'%' || b == b'+') {
-        return std::str::from_utf8(raw)
-            .map(str::to_owned)
-            .map_err(|_| FormError::InvalidUtf8);
-    }
+fn decode(raw: &str, at: usize) -> Result<String, FormError> {
+    let raw_bytes = raw.as_bytes();
+    let Some(first) = memchr::memchr2(b'%', b'+', raw_bytes) else {
+        return Ok(raw.to_owned());
+    };
     let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        match raw[i] {
+    out.extend_from_slice(&raw_bytes[..first]);
+    let mut i = first;
+    while i < raw_bytes.len() {
+        match raw_bytes[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                let hi = raw.get(i + 1).and_then(|&b| hex(b));
-                let lo = raw.get(i + 2).and_then(|&b| hex(b));
+                let hi = raw_bytes.get(i + 1).and_then(|&b| hex(b));
+                let lo = raw_bytes.get(i + 2).and_then(|&b| hex(b));
                 match (hi, lo) {
                     (Some(hi), Some(lo)) => out.push(hi << 4 | lo),
                     _ => return Err(FormError::MalformedEncoding { at: at + i }),
@@ -60,6 +63,7 @@ fn decode(raw: &[u8], at: usize) -> Result<String, FormError> {
         }
         i += 1;
     }
+    // Escapes can spell bytes that are not UTF-8 even in valid input (`%FF`).
     String::from_utf8(out).map_err(|_| FormError::InvalidUtf8)
 }
 
@@ -139,6 +143,14 @@ mod tests {
         assert_eq!(parse(b"A=%4"), Err(FormError::MalformedEncoding { at: 2 }));
         assert_eq!(parse(b"A=%FF%FE"), Err(FormError::InvalidUtf8));
         assert_eq!(parse(b"A=\xff"), Err(FormError::InvalidUtf8));
+        // Invalid bytes anywhere, a name or an otherwise empty-looking segment included.
+        assert_eq!(parse(b"\xc3=1"), Err(FormError::InvalidUtf8));
+        assert_eq!(parse(b"A=1&\xff"), Err(FormError::InvalidUtf8));
+        // A malformed escape after a multi-byte character reports the byte offset.
+        assert_eq!(
+            parse("A=é%G".as_bytes()),
+            Err(FormError::MalformedEncoding { at: 4 })
+        );
     }
 
     #[test]

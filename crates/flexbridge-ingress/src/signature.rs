@@ -106,64 +106,76 @@ impl VerifyError {
 }
 
 /// Checks signatures against the configured Auth Tokens and SharedKeys.
-#[derive(Debug, Clone)]
+///
+/// Each secret is turned into its keyed HMAC state once, here: keying hashes the secret into
+/// the inner and outer states, two hash blocks every request would otherwise redo.
+#[derive(Clone)]
 pub struct Verifier {
-    auth_tokens: Vec<Secret>,
-    shared_keys: BTreeMap<String, Secret>,
+    auth_tokens: Vec<Hmac<Sha1>>,
+    shared_keys: BTreeMap<String, Hmac<Sha256>>,
+}
+
+/// Names what is configured, never a secret or a state derived from one.
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("auth_tokens", &self.auth_tokens.len())
+            .field("shared_keys", &self.shared_keys.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Verifier {
     /// Builds a verifier. Several Auth Tokens allow rotation (primary and secondary).
     pub fn new(auth_tokens: Vec<Secret>, shared_keys: BTreeMap<String, Secret>) -> Self {
         Self {
-            auth_tokens,
-            shared_keys,
+            auth_tokens: auth_tokens.iter().filter_map(keyed).collect(),
+            shared_keys: shared_keys
+                .iter()
+                .filter_map(|(id, secret)| Some((id.clone(), keyed(secret)?)))
+                .collect(),
         }
     }
 
     /// Verifies a request; on success says which kind of secret matched.
     pub fn check(&self, signed: &Signed<'_>) -> Result<Attestation, VerifyError> {
         let signature = signed.signature.ok_or(VerifyError::MissingSignature)?;
-        let (algorithm, keys, attestation): (Algorithm, &[Secret], Attestation) =
-            match signed.settings {
-                Some(settings) => {
-                    let (key_id, algorithm) = parse_settings(settings)?;
-                    if algorithm != "HMAC_SHA256" {
-                        return Err(VerifyError::UnsupportedAlgorithm {
-                            algorithm: algorithm.to_owned(),
-                        });
-                    }
-                    let key =
-                        self.shared_keys
-                            .get(key_id)
-                            .ok_or_else(|| VerifyError::UnknownKey {
-                                key_id: key_id.to_owned(),
-                            })?;
-                    (
-                        Algorithm::HmacSha256,
-                        std::slice::from_ref(key),
-                        Attestation::SharedKey,
-                    )
+        let keys = match signed.settings {
+            Some(settings) => {
+                let (key_id, algorithm) = parse_settings(settings)?;
+                if algorithm != "HMAC_SHA256" {
+                    return Err(VerifyError::UnsupportedAlgorithm {
+                        algorithm: algorithm.to_owned(),
+                    });
                 }
-                None if self.auth_tokens.is_empty() => return Err(VerifyError::NoAuthToken),
-                None => (
-                    Algorithm::HmacSha1,
-                    &self.auth_tokens,
-                    Attestation::AuthToken,
-                ),
-            };
+                let key = self
+                    .shared_keys
+                    .get(key_id)
+                    .ok_or_else(|| VerifyError::UnknownKey {
+                        key_id: key_id.to_owned(),
+                    })?;
+                Keys::Shared(key)
+            }
+            None if self.auth_tokens.is_empty() => return Err(VerifyError::NoAuthToken),
+            None => Keys::AuthTokens(&self.auth_tokens),
+        };
         if let Some(body) = signed.json_body {
             check_body_hash(signed.url, body)?;
         }
         let expected = BASE64.decode(signature.trim()).unwrap_or_default();
-        let suffix = params_suffix(signed.params);
-        let matches = |url: &str| {
-            keys.iter()
-                .any(|key| mac_matches(algorithm, key.expose().as_bytes(), url, &suffix, &expected))
+        let params = sorted_params(signed.params);
+        let matches = |url: &str| match keys {
+            Keys::AuthTokens(tokens) => tokens
+                .iter()
+                .any(|key| mac_matches(key, url, &params, &expected)),
+            Keys::Shared(key) => mac_matches(key, url, &params, &expected),
         };
         // The URL as received first; the port-toggled variant is built only when that fails.
         if matches(signed.url) || toggle_port(signed.url).is_some_and(|other| matches(&other)) {
-            return Ok(attestation);
+            return Ok(match keys {
+                Keys::AuthTokens(_) => Attestation::AuthToken,
+                Keys::Shared(_) => Attestation::SharedKey,
+            });
         }
         let variants = url_variants(signed.url);
         Err(VerifyError::Mismatch {
@@ -175,13 +187,28 @@ impl Verifier {
     }
 }
 
+/// The keys a request is checked against.
+#[derive(Clone, Copy)]
+enum Keys<'a> {
+    AuthTokens(&'a [Hmac<Sha1>]),
+    Shared(&'a Hmac<Sha256>),
+}
+
+/// The HMAC keyed with a secret. HMAC accepts keys of any length, so this is never `None`;
+/// if it were, the secret would match nothing (fail closed).
+fn keyed<M: Mac + hmac::digest::KeyInit>(secret: &Secret) -> Option<M> {
+    <M as hmac::digest::KeyInit>::new_from_slice(secret.expose().as_bytes()).ok()
+}
+
 /// Computes the signature Twilio would send (base64), for `simulate` and tests.
 pub fn sign(algorithm: Algorithm, key: &str, url: &str, params: &[(String, String)]) -> String {
-    let suffix = params_suffix(params);
+    let params = sorted_params(params);
+    let key = Secret::new(key);
     let digest = match algorithm {
-        Algorithm::HmacSha1 => mac::<Hmac<Sha1>>(key.as_bytes(), url, &suffix),
-        Algorithm::HmacSha256 => mac::<Hmac<Sha256>>(key.as_bytes(), url, &suffix),
+        Algorithm::HmacSha1 => keyed::<Hmac<Sha1>>(&key).map(|m| mac(m, url, &params)),
+        Algorithm::HmacSha256 => keyed::<Hmac<Sha256>>(&key).map(|m| mac(m, url, &params)),
     };
+    let digest = digest.unwrap_or_default();
     BASE64.encode(digest)
 }
 
@@ -190,64 +217,40 @@ pub fn body_sha256(body: &[u8]) -> String {
     hex::encode(Sha256::digest(body))
 }
 
-fn mac<M: Mac + hmac::digest::KeyInit>(key: &[u8], url: &str, suffix: &[u8]) -> Vec<u8> {
-    // HMAC accepts keys of any length, so new_from_slice cannot fail.
-    match <M as hmac::digest::KeyInit>::new_from_slice(key) {
-        Ok(mut m) => {
-            m.update(url.as_bytes());
-            m.update(suffix);
-            m.finalize().into_bytes().to_vec()
-        }
-        Err(_) => Vec::new(),
+/// The signed string, streamed into a keyed HMAC: the URL, then each sorted name and value.
+fn signed<M: Mac + Clone>(keyed: &M, url: &str, params: &[(&str, &str)]) -> M {
+    let mut mac = keyed.clone();
+    mac.update(url.as_bytes());
+    for (name, value) in params {
+        mac.update(name.as_bytes());
+        mac.update(value.as_bytes());
     }
+    mac
 }
 
-fn mac_matches(
-    algorithm: Algorithm,
-    key: &[u8],
+fn mac<M: Mac + Clone>(keyed: M, url: &str, params: &[(&str, &str)]) -> Vec<u8> {
+    signed(&keyed, url, params).finalize().into_bytes().to_vec()
+}
+
+fn mac_matches<M: Mac + Clone>(
+    keyed: &M,
     url: &str,
-    suffix: &[u8],
+    params: &[(&str, &str)],
     expected: &[u8],
 ) -> bool {
     // verify_slice compares in constant time.
-    fn check<M: Mac + hmac::digest::KeyInit>(
-        key: &[u8],
-        url: &str,
-        suffix: &[u8],
-        expected: &[u8],
-    ) -> bool {
-        match <M as hmac::digest::KeyInit>::new_from_slice(key) {
-            Ok(mut m) => {
-                m.update(url.as_bytes());
-                m.update(suffix);
-                m.verify_slice(expected).is_ok()
-            }
-            Err(_) => false,
-        }
-    }
-    match algorithm {
-        Algorithm::HmacSha1 => check::<Hmac<Sha1>>(key, url, suffix, expected),
-        Algorithm::HmacSha256 => check::<Hmac<Sha256>>(key, url, suffix, expected),
-    }
+    signed(keyed, url, params).verify_slice(expected).is_ok()
 }
 
-/// Names sorted bytewise, each name's values de-duplicated and sorted, concatenated.
-fn params_suffix(params: &[(String, String)]) -> Vec<u8> {
-    if params.is_empty() {
-        return Vec::new();
-    }
+/// Names sorted bytewise, each name's values de-duplicated and sorted.
+fn sorted_params(params: &[(String, String)]) -> Vec<(&str, &str)> {
     let mut sorted: Vec<(&str, &str)> = params
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))
         .collect();
     sorted.sort_unstable();
     sorted.dedup();
-    let mut out = Vec::with_capacity(sorted.iter().map(|(n, v)| n.len() + v.len()).sum());
-    for (name, value) in sorted {
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(value.as_bytes());
-    }
-    out
+    sorted
 }
 
 fn parse_settings(settings: &str) -> Result<(&str, &str), VerifyError> {
@@ -324,6 +327,22 @@ mod tests {
     use serde_json::Value;
 
     const VECTORS: &str = include_str!("../../../fixtures/twilio-signature-vectors.json");
+
+    /// The verifier holds keyed HMAC states; its Debug output names what is configured and
+    /// shows neither a secret nor anything derived from one.
+    #[test]
+    fn debug_output_shows_no_secret() {
+        let verifier = Verifier::new(
+            vec![Secret::new("token-hunter2")],
+            BTreeMap::from([("KS1".to_owned(), Secret::new("shared-hunter2"))]),
+        );
+        let debug = format!("{verifier:?}");
+        assert_eq!(
+            debug,
+            r#"Verifier { auth_tokens: 1, shared_keys: ["KS1"] }"#
+        );
+        assert!(!debug.contains("hunter2"));
+    }
 
     /// Every conformance vector from Twilio's helper libraries passes.
     #[test]
