@@ -54,7 +54,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/lib/daemon.sh
 wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
 simulate_to() { local port=$1; shift; "$BIN" --log-level error simulate --url "http://127.0.0.1:$port/flex/interactions" \
@@ -120,15 +120,7 @@ for row in $ROWS; do
   esac
   port=$(free_port); admin=$(free_port)
   config="$work/$row.toml"
-  cat > "$config" <<TOML
-[ingress]
-listen = "127.0.0.1:$port"
-public_url = "http://127.0.0.1:$port"
-[admin]
-listen = "127.0.0.1:$admin"
-[twilio]
-auth_tokens = ["bench-token"]
-TOML
+  daemon_config "$config" "$port" "$admin"
   if [ "$mode" = spool ] || [ "$mode" = spooldown ]; then
     printf '[delivery]\nmode = "spool"\n[spool]\ndir = "%s/spool-%s"\n' "$work" "$row" >> "$config"
   fi

@@ -33,21 +33,13 @@ work=$(mktemp -d)
 pid=
 cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/lib/daemon.sh
 
 # One daemon under callgrind, $1 webhooks; prints the instructions it executed.
 count() {
   local n=$1 port admin
   port=$(free_port); admin=$(free_port)
-  cat > "$work/config.toml" <<TOML
-[ingress]
-listen = "127.0.0.1:$port"
-public_url = "http://127.0.0.1:$port"
-[admin]
-listen = "127.0.0.1:$admin"
-[twilio]
-auth_tokens = ["bench-token"]
-TOML
+  daemon_config "$work/config.toml" "$port" "$admin"
   case "$SINK" in
     file) printf '[[sinks]]\nname = "file"\ntype = "file"\npath = "%s/events.jsonl"\n' "$work" >> "$work/config.toml" ;;
     nats) printf '[[sinks]]\nname = "nats"\ntype = "nats"\nurl = "%s"\nsubject = "flexbridge.instructions.{account}.{event}"\n[sinks.stream]\nname = "FLEXBRIDGE_INSTRUCTIONS"\nstorage = "file"\nmax_messages = 100000\n' "$NATS_URL" >> "$work/config.toml" ;;
