@@ -16,14 +16,16 @@
 #   ceiling-rabbitmq, ceiling-nats  the broker's own ceiling: a plain client (the sink crates'
 #                                 `*_ceiling` examples) with $CONCURRENCY publishes awaiting their
 #                                 acknowledgement, same message properties, no HTTP; its CPU per
-#                                 message is what the client crate itself costs.
+#                                 message is what the client crate itself costs. Then again at
+#                                 half its rate: the broker's own latency at half load.
 #   delay-rabbitmq, delay-nats    confirm mode through the testkit proxy adding $DELAY_MS to
 #                                 every broker-to-client packet (a broker in another zone).
 #   spool-<sink>                  delivery.mode = "spool", broker healthy: answered once durable
 #                                 in the spool; CPU counts until the spool delivered everything.
 #   spooldown-<sink>              spool mode with the broker unreachable: what the spool takes in.
-# Results: a table on stdout, and $OUT/results.json plus plots (scripts/bench_plot.py) in $OUT
-# (default $CARGO_TARGET_DIR/bench).
+# Results: a table on stdout, and $OUT/results.json plus plots, table.md and targets.md (the
+# run judged against the performance targets; scripts/bench_plot.py) in $OUT (default
+# $CARGO_TARGET_DIR/bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
@@ -81,15 +83,21 @@ kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
 results=()
 # A ceiling row: the plain client's figures and its own CPU time (user + system, in clock
 # ticks, from GNU time), so its CPU per message stands beside flexbridge's per event.
+# Then a second run paced at half its own rate, as the sink rows' half-load run is, so each
+# sink's half-load latency stands beside what the broker gives a plain client at that load.
 ceiling() {
   local row=$1; shift
-  local out cpu
+  local out half cpu
   out=$(/usr/bin/time -f "%U %S" -o "$work/ceiling.time" "$@")
   cpu=$(awk -v tck="$(getconf CLK_TCK)" '{print int(($1 + $2) * tck)}' "$work/ceiling.time")
-  results+=("$row|$out|null|$cpu|$(field "$out" sent)|0")
+  half=$("$@" --rate "$(python3 -c "print(round($(field "$out" rate)/2))")")
+  results+=("$row|$out|$half|$cpu|$(field "$out" sent)|0")
 }
 
 for row in $ROWS; do
+  # The previous row's dirty pages (a spool row writes gigabytes) are written back now, not
+  # during this row's measurement, where they would slow the brokers' own fsyncs.
+  sync
   case "$row" in
     ceiling-rabbitmq)
       ceiling "$row" "$TARGET/release/examples/rabbitmq_ceiling" --url "$AMQP_URL" --duration "$seconds" --in-flight "$CONCURRENCY"
@@ -204,8 +212,10 @@ for row in sys.argv[8:]:
     if name.startswith("ceiling-"):
         if events:
             entry["cpu_us"] = cpu / tck / events * 1e6
+        entry.update({"half_rate": half["rate"], "half_p50_ms": half["latency_ms"]["p50"], "half_p99_ms": half["latency_ms"]["p99"]})
         cpu_text = f"  client CPU per message {entry['cpu_us']:.1f} us" if "cpu_us" in entry else ""
         print(f"{name} (plain client, no HTTP): {full['rate']:.0f} msg/s  {lat(full)}{cpu_text}")
+        print(f"  half load: {half['rate']:.0f} msg/s  {lat(half)}")
         doc["rows"].append(entry)
         continue
     cpu_us = cpu / tck / events * 1e6 if events else None

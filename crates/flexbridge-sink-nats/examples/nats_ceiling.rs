@@ -20,6 +20,10 @@ struct Args {
     /// Seconds of load.
     #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// Publishes per second, paced as `flexbridge simulate --rate` paces webhooks (the
+    /// bench's half-load run); without it, as fast as the acknowledgements come back.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Publishes awaiting their PubAck at any time.
     #[arg(long, default_value_t = 64)]
     in_flight: usize,
@@ -73,6 +77,7 @@ async fn main() {
     let payload = bytes::Bytes::from(vec![b'x'; args.size]);
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let started = Instant::now();
+    let pacer = std::sync::Arc::new(flexbridge_testkit::Pacer::new(args.rate));
     let mut workers = Vec::new();
     for worker in 0..args.in_flight {
         let (js, payload, subject) = (
@@ -80,6 +85,7 @@ async fn main() {
             payload.clone(),
             format!("{subject}.ACx.channel"),
         );
+        let pacer = std::sync::Arc::clone(&pacer);
         workers.push(tokio::spawn(async move {
             let mut latency =
                 Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
@@ -103,6 +109,7 @@ async fn main() {
                     .payload(payload.clone())
                     .headers(headers)
                     .message_id(format!("{}-{worker}-{n}", std::process::id()));
+                pacer.turn().await;
                 let sent = Instant::now();
                 js.send_publish(subject.clone(), message)
                     .await

@@ -24,6 +24,10 @@ struct Args {
     /// Seconds of load.
     #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// Publishes per second, paced as `flexbridge simulate --rate` paces webhooks (the
+    /// bench's half-load run); without it, as fast as the acknowledgements come back.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Publishes awaiting their confirm at any time.
     #[arg(long, default_value_t = 64)]
     in_flight: usize,
@@ -116,6 +120,7 @@ async fn main() {
     let payload = vec![b'x'; args.size];
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let started = Instant::now();
+    let pacer = std::sync::Arc::new(flexbridge_testkit::Pacer::new(args.rate));
     let mut workers = Vec::new();
     for worker in 0..args.in_flight {
         let (channel, exchange, payload) = (
@@ -123,12 +128,14 @@ async fn main() {
             name.clone(),
             payload.clone(),
         );
+        let pacer = std::sync::Arc::clone(&pacer);
         workers.push(tokio::spawn(async move {
             let mut latency =
                 Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
             let mut n = 0u64;
             while Instant::now() < deadline {
                 n += 1;
+                pacer.turn().await;
                 let sent = Instant::now();
                 let mut headers = FieldTable::default();
                 // What the sink sends in binary mode for a typical event: every CloudEvents

@@ -340,6 +340,35 @@ pub fn test_pki(dir: &std::path::Path, name: &str) -> TestPki {
     TestPki { ca, cert, key }
 }
 
+/// Open-loop pacing for the plain-client ceilings: the n-th publish, counted across all
+/// publishers, is due at start + n / rate, which is how `flexbridge simulate --rate` paces
+/// webhooks, so a ceiling's half-load latency compares with a sink row's.
+pub struct Pacer {
+    started: tokio::time::Instant,
+    rate: Option<f64>,
+    claimed: AtomicU64,
+}
+
+impl Pacer {
+    /// Paces at `rate` per second; `None` (or a rate that is not positive) sends at once.
+    pub fn new(rate: Option<f64>) -> Self {
+        Self {
+            started: tokio::time::Instant::now(),
+            rate: rate.filter(|r| *r > 0.0),
+            claimed: AtomicU64::new(0),
+        }
+    }
+
+    /// Waits until the next publish is due.
+    pub async fn turn(&self) {
+        let seq = self.claimed.fetch_add(1, Ordering::Relaxed);
+        if let Some(rate) = self.rate {
+            tokio::time::sleep_until(self.started + Duration::from_secs_f64(seq as f64 / rate))
+                .await;
+        }
+    }
+}
+
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -635,5 +664,36 @@ impl Drop for RabbitNode {
             .status();
         let _ = self.process.kill();
         let _ = self.process.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn pacer_spaces_publishes_by_the_rate_across_publishers() {
+        let pacer = Arc::new(Pacer::new(Some(100.0)));
+        let start = tokio::time::Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let pacer = Arc::clone(&pacer);
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..5 {
+                    pacer.turn().await;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        // 20 turns at 100/s: the last is due at 19 / 100 s.
+        assert_eq!(start.elapsed(), Duration::from_millis(190));
+        let unpaced = Pacer::new(None);
+        let start = tokio::time::Instant::now();
+        for _ in 0..20 {
+            unpaced.turn().await;
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 }
