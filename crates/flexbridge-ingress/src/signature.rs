@@ -218,8 +218,7 @@ pub fn body_sha256(body: &[u8]) -> String {
 }
 
 /// The signed string, streamed into a keyed HMAC: the URL, then each sorted name and value.
-fn signed<M: Mac + Clone>(keyed: &M, url: &str, params: &[(&str, &str)]) -> M {
-    let mut mac = keyed.clone();
+fn signed<M: Mac>(mut mac: M, url: &str, params: &[(&str, &str)]) -> M {
     mac.update(url.as_bytes());
     for (name, value) in params {
         mac.update(name.as_bytes());
@@ -228,8 +227,8 @@ fn signed<M: Mac + Clone>(keyed: &M, url: &str, params: &[(&str, &str)]) -> M {
     mac
 }
 
-fn mac<M: Mac + Clone>(keyed: M, url: &str, params: &[(&str, &str)]) -> Vec<u8> {
-    signed(&keyed, url, params).finalize().into_bytes().to_vec()
+fn mac<M: Mac>(keyed: M, url: &str, params: &[(&str, &str)]) -> Vec<u8> {
+    signed(keyed, url, params).finalize().into_bytes().to_vec()
 }
 
 fn mac_matches<M: Mac + Clone>(
@@ -239,7 +238,9 @@ fn mac_matches<M: Mac + Clone>(
     expected: &[u8],
 ) -> bool {
     // verify_slice compares in constant time.
-    signed(keyed, url, params).verify_slice(expected).is_ok()
+    signed(keyed.clone(), url, params)
+        .verify_slice(expected)
+        .is_ok()
 }
 
 /// Names sorted bytewise, each name's values de-duplicated and sorted.
