@@ -27,6 +27,9 @@ struct Args {
     /// Publishes awaiting their PubAck at any time.
     #[arg(long, default_value_t = 64)]
     in_flight: usize,
+    /// Client connections; the publishers take them in turn.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
     /// Payload bytes (the sink's binary-mode payload is about this size).
     #[arg(long, default_value_t = 370)]
     size: usize,
@@ -78,10 +81,15 @@ async fn main() {
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let started = Instant::now();
     let pacer = std::sync::Arc::new(flexbridge_testkit::Pacer::new(args.rate));
+    let mut contexts = vec![js.clone()];
+    for _ in 1..args.connections.max(1) {
+        let extra = async_nats::connect(&args.url).await.expect("connect");
+        contexts.push(jetstream::new(extra));
+    }
     let mut workers = Vec::new();
     for worker in 0..args.in_flight {
         let (js, payload, subject) = (
-            js.clone(),
+            contexts[worker % contexts.len()].clone(),
             payload.clone(),
             format!("{subject}.ACx.channel"),
         );

@@ -57,6 +57,11 @@ pub struct NatsSinkConfig {
     /// no reset) is dropped and re-opened after about three intervals without an answer.
     #[serde(default = "default_ping_interval", with = "humantime_serde")]
     pub ping_interval: Duration,
+    /// Client connections publishes are spread over, in turn (1-16). The server reads each
+    /// connection on a goroutine of its own, so more than one can help a server with cores to
+    /// spare; on a machine shared with the server it made no difference (docs/bench).
+    #[serde(default = "default_connections")]
+    pub connections: usize,
 }
 
 /// TLS to the NATS servers.
@@ -169,6 +174,11 @@ fn one() -> usize {
 }
 fn default_ack_timeout() -> Duration {
     Duration::from_secs(3)
+}
+/// Most client connections one sink opens.
+pub const MAX_CONNECTIONS: usize = 16;
+fn default_connections() -> usize {
+    1
 }
 fn default_ping_interval() -> Duration {
     Duration::from_secs(10)
@@ -286,6 +296,13 @@ impl NatsSinkConfig {
             errors.push(format!(
                 "sinks.{}: timeouts must be greater than zero",
                 self.name
+            ));
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
+            errors.push(format!(
+                "{}: {} is out of range (1 to {MAX_CONNECTIONS})",
+                key("connections"),
+                self.connections
             ));
         }
         if let Some(stream) = &self.stream {

@@ -3,7 +3,8 @@
 //! duplicate window; CloudEvents NATS binding in binary (default) or structured mode.
 //!
 //! Publishes are never serialized: every request awaits its own PubAck while others are in
-//! flight on the same connection.
+//! flight, on one client connection or, with `connections`, spread over several in turn (the
+//! server reads each connection on a goroutine of its own; docs/bench has what it changes).
 
 mod config;
 mod outbox;
@@ -25,7 +26,8 @@ use flexbridge_core::{
     SinkContext, SinkError,
 };
 use percent_encoding::{AsciiSet, CONTROLS};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// `flexbridge_sink_duplicates_total{sink}`.
@@ -43,12 +45,20 @@ pub struct NatsPlan {
     servers: Vec<async_nats::ServerAddr>,
 }
 
-/// Publishes to NATS (JetStream unless configured otherwise).
-pub struct NatsSink {
-    name: String,
+/// One client connection, and the JetStream side on it.
+struct Link {
     client: async_nats::Client,
     /// Present unless `jetstream = false`.
     jetstream: Option<JetStream>,
+}
+
+/// Publishes to NATS (JetStream unless configured otherwise).
+pub struct NatsSink {
+    name: String,
+    /// The connections publishes are spread over; never empty.
+    links: Vec<Link>,
+    /// The link the next publish starts looking from (round robin).
+    next: AtomicUsize,
     subject: Template,
     content_mode: ContentMode,
     /// One wildcard subject per event kind, to check that a stream captures it.
@@ -147,87 +157,33 @@ impl SinkConfig for NatsSinkConfig {
             DUPLICATES,
             "Publishes the broker reported as duplicates of an event it already had.",
         )?;
-        let mut options = async_nats::ConnectOptions::new()
-            .name(format!("flexbridge {}", config.name))
-            .connection_timeout(config.connect_timeout)
-            .ping_interval(config.ping_interval)
-            .retry_on_initial_connect();
-        if let (Some(user), Some(password)) = (&config.user, &config.password) {
-            options = options.user_and_password(user.clone(), password.expose().to_owned());
-        }
-        if let Some(token) = &config.token {
-            options = options.token(token.expose().to_owned());
-        }
-        if let Some(seed) = &config.nkey_seed {
-            options = options.nkey(seed.expose().to_owned());
-        }
-        if let Some(path) = &config.credentials_file {
-            options = options
-                .credentials_file(path)
-                .await
-                .map_err(|e| BuildError::open("cannot read the NATS credentials file", e))?;
-        }
-        if config.tls.required {
-            options = options.require_tls(true);
-        }
-        if let Some(ca) = &config.tls.ca_file {
-            options = options.add_root_certificates(ca.clone());
-        }
-        if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
-            options = options.add_client_certificate(cert.clone(), key.clone());
-        }
-        let reconnections = sink_metrics.reconnections.clone();
-        let was_connected = std::sync::Arc::new(AtomicBool::new(false));
-        let failures = std::sync::Arc::new(FailureLog::new(config.name.clone()));
-        let name = config.name.clone();
-        options = options.event_callback(move |event| {
-            let reconnections = reconnections.clone();
-            let was_connected = std::sync::Arc::clone(&was_connected);
-            let failures = std::sync::Arc::clone(&failures);
-            let name = name.clone();
-            async move {
-                match event {
-                    async_nats::Event::Connected => {
-                        if was_connected.swap(true, Ordering::SeqCst) {
-                            reconnections.inc();
-                        }
-                        failures.success();
-                        tracing::info!(sink = %name, "connected to NATS");
-                    }
-                    async_nats::Event::Disconnected => {
-                        failures.failure("disconnected from NATS", &"connection lost");
-                    }
-                    async_nats::Event::ClientError(error) => {
-                        failures.failure("the NATS connection fails", &error);
-                    }
-                    async_nats::Event::ServerError(error) => {
-                        failures.failure("the NATS server reports an error", &error);
-                    }
-                    other => tracing::warn!(sink = %name, event = %other, "NATS client event"),
-                }
-            }
-        });
         let servers = config
             .url
             .iter()
             .map(|u| redact_url(u))
             .collect::<Vec<_>>()
             .join(",");
-        let client = options
-            .connect(addrs)
-            .await
-            .map_err(|e| BuildError::open(format!("cannot connect to NATS at {servers}"), e))?;
-        // Not waiting for the first connection: the listener starts at once, the health check
-        // reports the sink until it is connected, and a publish meanwhile is retried.
-        let jetstream = config.jetstream.then(|| {
-            let context = jetstream::ContextBuilder::new()
-                .timeout(config.ack_timeout)
-                .build(client.clone());
-            JetStream {
-                outbox: outbox::Outbox::start(context.clone()),
-                context,
-            }
-        });
+        let mut links = Vec::with_capacity(config.connections);
+        for index in 0..config.connections {
+            let client = config
+                .connect_options(index, &sink_metrics.reconnections)
+                .await?
+                .connect(addrs.clone())
+                .await
+                .map_err(|e| BuildError::open(format!("cannot connect to NATS at {servers}"), e))?;
+            // Not waiting for the first connection: the listener starts at once, the health
+            // check reports the sink until it is connected, and a publish meanwhile is retried.
+            let jetstream = config.jetstream.then(|| {
+                let context = jetstream::ContextBuilder::new()
+                    .timeout(config.ack_timeout)
+                    .build(client.clone());
+                JetStream {
+                    outbox: outbox::Outbox::start(context.clone()),
+                    context,
+                }
+            });
+            links.push(Link { client, jetstream });
+        }
         if !config.jetstream {
             tracing::warn!(sink = %config.name, "jetstream = false: core NATS publish is at-most-once; an event acknowledged to Twilio can be lost");
         }
@@ -238,8 +194,8 @@ impl SinkConfig for NatsSinkConfig {
         check_subjects.dedup();
         Ok(NatsSink {
             name: config.name.clone(),
-            client,
-            jetstream,
+            links,
+            next: AtomicUsize::new(0),
             subject,
             content_mode: config.content_mode,
             check_subjects,
@@ -250,7 +206,107 @@ impl SinkConfig for NatsSinkConfig {
     }
 }
 
+impl NatsSinkConfig {
+    /// The client options of connection `index` (of `connections`): the name the server shows,
+    /// credentials, TLS, and the callback that logs and counts its connection events.
+    async fn connect_options(
+        &self,
+        index: usize,
+        reconnections: &Counter,
+    ) -> Result<async_nats::ConnectOptions, BuildError> {
+        let client_name = if self.connections == 1 {
+            format!("flexbridge {}", self.name)
+        } else {
+            format!(
+                "flexbridge {} {}/{}",
+                self.name,
+                index + 1,
+                self.connections
+            )
+        };
+        let mut options = async_nats::ConnectOptions::new()
+            .name(client_name)
+            .connection_timeout(self.connect_timeout)
+            .ping_interval(self.ping_interval)
+            .retry_on_initial_connect();
+        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+            options = options.user_and_password(user.clone(), password.expose().to_owned());
+        }
+        if let Some(token) = &self.token {
+            options = options.token(token.expose().to_owned());
+        }
+        if let Some(seed) = &self.nkey_seed {
+            options = options.nkey(seed.expose().to_owned());
+        }
+        if let Some(path) = &self.credentials_file {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|e| BuildError::open("cannot read the NATS credentials file", e))?;
+        }
+        if self.tls.required {
+            options = options.require_tls(true);
+        }
+        if let Some(ca) = &self.tls.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&self.tls.cert_file, &self.tls.key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        let reconnections = reconnections.clone();
+        let was_connected = Arc::new(AtomicBool::new(false));
+        // One per connection: a connection that works must not hide one that fails.
+        let failures = Arc::new(FailureLog::new(self.name.clone()));
+        let name = self.name.clone();
+        let connection = index + 1;
+        Ok(options.event_callback(move |event| {
+            let reconnections = reconnections.clone();
+            let was_connected = Arc::clone(&was_connected);
+            let failures = Arc::clone(&failures);
+            let name = name.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        if was_connected.swap(true, Ordering::SeqCst) {
+                            reconnections.inc();
+                        }
+                        failures.success();
+                        tracing::info!(sink = %name, connection, "connected to NATS");
+                    }
+                    async_nats::Event::Disconnected => {
+                        failures.failure("disconnected from NATS", &"connection lost");
+                    }
+                    async_nats::Event::ClientError(error) => {
+                        failures.failure("the NATS connection fails", &error);
+                    }
+                    async_nats::Event::ServerError(error) => {
+                        failures.failure("the NATS server reports an error", &error);
+                    }
+                    other => {
+                        tracing::warn!(sink = %name, connection, event = %other, "NATS client event")
+                    }
+                }
+            }
+        }))
+    }
+}
+
+/// The first of `count` links, starting at `start` and wrapping, that `usable` accepts.
+fn pick(count: usize, start: usize, usable: impl Fn(usize) -> bool) -> Option<usize> {
+    (0..count).map(|i| (start + i) % count).find(|&i| usable(i))
+}
+
 impl NatsSink {
+    /// The next connected link, round robin; an error when none is connected.
+    fn link(&self) -> Result<&Link, SinkError> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        pick(self.links.len(), start, |i| {
+            self.links[i].client.connection_state() == State::Connected
+        })
+        .map(|i| &self.links[i])
+        .ok_or_else(|| SinkError::retryable("disconnected", "not connected to NATS"))
+    }
+
     fn encode(&self, event: &Event) -> (HeaderMap, bytes::Bytes) {
         let encoded = Binding::Nats.encode(event, self.content_mode);
         let mut headers = HeaderMap::new();
@@ -360,12 +416,7 @@ impl Sink for NatsSink {
     }
 
     async fn publish(&self, event: &Event) -> Result<(), SinkError> {
-        if self.client.connection_state() != State::Connected {
-            return Err(SinkError::retryable(
-                "disconnected",
-                "not connected to NATS",
-            ));
-        }
+        let link = self.link()?;
         let subject = self.subject.render_with(event, subject_token);
         // The server refuses a protocol line over its max_control_line (4 KiB by default).
         if subject.len() > MAX_SUBJECT {
@@ -378,7 +429,7 @@ impl Sink for NatsSink {
             ));
         }
         let (headers, payload) = self.encode(event);
-        match &self.jetstream {
+        match &link.jetstream {
             Some(JetStream {
                 context: js,
                 outbox,
@@ -422,7 +473,7 @@ impl Sink for NatsSink {
                     tracing::debug!(sink = %self.name, event_id = event.id(), stream = %ack.stream, "the stream already had this event");
                 }
             }
-            None => self
+            None => link
                 .client
                 .publish_with_headers(subject, headers, payload)
                 .await
@@ -433,14 +484,11 @@ impl Sink for NatsSink {
         Ok(())
     }
 
+    /// Healthy while at least one connection is up (publishes go to the connected ones) and
+    /// JetStream answers on it; a connection that is down logs its own failures.
     async fn health(&self) -> Result<(), SinkError> {
-        if self.client.connection_state() != State::Connected {
-            return Err(SinkError::retryable(
-                "disconnected",
-                "not connected to NATS",
-            ));
-        }
-        let Some(JetStream { context: js, .. }) = &self.jetstream else {
+        let link = self.link()?;
+        let Some(JetStream { context: js, .. }) = &link.jetstream else {
             return Ok(());
         };
         self.provision(js).await?;
@@ -466,10 +514,13 @@ impl Sink for NatsSink {
 
     async fn drain(&self) -> Result<(), SinkError> {
         // Every JetStream publish already awaited its PubAck; flushing covers core NATS.
-        self.client
-            .flush()
-            .await
-            .map_err(|e| SinkError::retryable("flush_failed", e.to_string()).with_source(e))
+        for link in &self.links {
+            link.client
+                .flush()
+                .await
+                .map_err(|e| SinkError::retryable("flush_failed", e.to_string()).with_source(e))?;
+        }
+        Ok(())
     }
 }
 
@@ -486,6 +537,46 @@ mod tests {
             subject_token(&value, &mut out);
             proptest::prop_assert!(!out.is_empty());
             proptest::prop_assert!(out.chars().all(|c| c.is_ascii_graphic() && !matches!(c, '.' | '*' | '>')), "{out:?}");
+        }
+    }
+
+    #[test]
+    fn publishes_take_the_connected_links_in_turn() {
+        let all = |_: usize| true;
+        let picks: Vec<_> = (0..5).map(|start| pick(2, start, all)).collect();
+        assert_eq!(picks, [Some(0), Some(1), Some(0), Some(1), Some(0)]);
+        // Link 1 of 3 down: its turn goes to the next connected one.
+        let up = |i: usize| i != 1;
+        let picks: Vec<_> = (0..3).map(|start| pick(3, start, up)).collect();
+        assert_eq!(picks, [Some(0), Some(2), Some(2)]);
+        assert_eq!(pick(3, 7, |_| false), None);
+        assert_eq!(pick(1, usize::MAX, all), Some(0));
+    }
+
+    #[test]
+    fn connections_default_to_one_and_stay_in_range() {
+        let parse = |extra: serde_json::Value| {
+            let mut value = serde_json::json!({"name": "n", "url": "nats://127.0.0.1:4222"});
+            if let (Some(map), Some(extra)) = (value.as_object_mut(), extra.as_object()) {
+                map.extend(extra.clone());
+            }
+            serde_json::from_value::<NatsSinkConfig>(value).unwrap()
+        };
+        let default = parse(serde_json::json!({}));
+        assert_eq!(default.connections, 1);
+        assert!(default.check().1.is_empty());
+        assert!(parse(serde_json::json!({"connections": 16}))
+            .check()
+            .1
+            .is_empty());
+        for bad in [0, 17] {
+            let errors = parse(serde_json::json!({"connections": bad})).check().1;
+            assert_eq!(
+                errors,
+                [format!(
+                    "sinks.n.connections: {bad} is out of range (1 to 16)"
+                )]
+            );
         }
     }
 

@@ -103,6 +103,7 @@ fn config(url: String, subject: String) -> NatsSinkConfig {
         ack_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(2),
         ping_interval: Duration::from_secs(10),
+        connections: 2,
     }
 }
 
@@ -386,6 +387,46 @@ async fn publishes_are_pipelined_not_serialized() {
     .await;
     assert_publishes_pipelined(Arc::new(sink), &proxy).await;
     assert_eq!(stream.messages().await.len(), 50);
+}
+
+/// Publishes take the sink's connections in turn: each of three carries a third of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_are_spread_over_the_connections() {
+    let stream = TestStream::create(Duration::from_secs(60)).await;
+    let proxy = TcpProxy::start(server_addr()).await;
+    let mut three = config(
+        format!("nats://{}", proxy.addr),
+        format!("{}.{{event}}", stream.prefix),
+    );
+    three.connections = 3;
+    let (sink, _) = connected(&three).await;
+    // Every connection is up (the health check needs only one).
+    let started = Instant::now();
+    while proxy.bytes_sent_upstream().len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not 3 connections"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = proxy.bytes_sent_upstream();
+    for n in 0..30 {
+        sink.publish(&event(EventKind::ParticipantUpdated, n))
+            .await
+            .unwrap();
+    }
+    let after = proxy.bytes_sent_upstream();
+    assert_eq!(after.len(), 3, "a connection was re-opened: {after:?}");
+    // Ten events of several hundred bytes each; a connection left out sends only pings.
+    for (connection, (a, b)) in after.iter().zip(&before).enumerate() {
+        assert!(
+            a - b > 10 * 300,
+            "connection {connection} sent {} bytes",
+            a - b
+        );
+    }
+    assert_eq!(stream.messages().await.len(), 30);
 }
 
 /// The connection is cut under load: in-flight publishes fail cleanly (retryably), the client

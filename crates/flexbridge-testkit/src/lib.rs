@@ -96,13 +96,15 @@ pub fn every_kind() -> Vec<Event> {
 }
 
 /// Copies one direction until either side closes or the proxy cuts. With `delay`, each chunk
-/// is written `delay` after it was read (latency, not a gap between chunks).
+/// is written `delay` after it was read (latency, not a gap between chunks); with `counted`,
+/// the bytes read are added to it.
 async fn pipe(
     mut reader: tokio::net::tcp::OwnedReadHalf,
     mut writer: tokio::net::tcp::OwnedWriteHalf,
     mut cut: watch::Receiver<u64>,
     delay: Option<Arc<AtomicU64>>,
     blackhole: Arc<AtomicBool>,
+    counted: Option<Arc<AtomicU64>>,
 ) {
     let (chunks, mut due) =
         tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
@@ -134,6 +136,9 @@ async fn pipe(
             n = reader.read(&mut buf) => match n { Ok(0) | Err(_) => break, Ok(n) => n },
             _ = cut.changed() => break,
         };
+        if let Some(counted) = &counted {
+            counted.fetch_add(n as u64, Ordering::SeqCst);
+        }
         if blackhole.load(Ordering::SeqCst) {
             continue; // dropped on the floor: no FIN, no RST, no data
         }
@@ -155,6 +160,8 @@ pub struct TcpProxy {
     cut: watch::Sender<u64>,
     delay_ms: Arc<AtomicU64>,
     blackhole: Arc<AtomicBool>,
+    /// Bytes each accepted connection sent upstream, in the order they were accepted.
+    sent: Arc<std::sync::Mutex<Vec<Arc<AtomicU64>>>>,
 }
 
 impl TcpProxy {
@@ -166,11 +173,13 @@ impl TcpProxy {
         let (cut, _) = watch::channel(0u64);
         let delay_ms = Arc::new(AtomicU64::new(0));
         let blackhole = Arc::new(AtomicBool::new(false));
-        let (up2, cut2, delay2, hole2) = (
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (up2, cut2, delay2, hole2, sent2) = (
             Arc::clone(&up),
             cut.clone(),
             Arc::clone(&delay_ms),
             Arc::clone(&blackhole),
+            Arc::clone(&sent),
         );
         tokio::spawn(async move {
             loop {
@@ -188,13 +197,23 @@ impl TcpProxy {
                 let _ = server.set_nodelay(true);
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(pipe(cr, sw, cut2.subscribe(), None, Arc::clone(&hole2)));
+                let counted = Arc::new(AtomicU64::new(0));
+                sent2.lock().unwrap().push(Arc::clone(&counted));
+                tokio::spawn(pipe(
+                    cr,
+                    sw,
+                    cut2.subscribe(),
+                    None,
+                    Arc::clone(&hole2),
+                    Some(counted),
+                ));
                 tokio::spawn(pipe(
                     sr,
                     cw,
                     cut2.subscribe(),
                     Some(Arc::clone(&delay2)),
                     Arc::clone(&hole2),
+                    None,
                 ));
             }
         });
@@ -204,7 +223,19 @@ impl TcpProxy {
             cut,
             delay_ms,
             blackhole,
+            sent,
         }
+    }
+
+    /// Bytes each connection accepted so far sent to the upstream, in the order they were
+    /// accepted (closed ones included).
+    pub fn bytes_sent_upstream(&self) -> Vec<u64> {
+        self.sent
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|n| n.load(Ordering::SeqCst))
+            .collect()
     }
 
     /// Closes every open connection and refuses new ones until [`TcpProxy::restore`].
