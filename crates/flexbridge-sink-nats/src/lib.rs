@@ -293,7 +293,10 @@ impl NatsSinkConfig {
 
 /// The first of `count` links, starting at `start` and wrapping, that `usable` accepts.
 fn pick(count: usize, start: usize, usable: impl Fn(usize) -> bool) -> Option<usize> {
-    (0..count).map(|i| (start + i) % count).find(|&i| usable(i))
+    // `start` wraps around `usize`: reduced first, so adding to it cannot overflow.
+    (0..count)
+        .map(|i| (start % count + i) % count)
+        .find(|&i| usable(i))
 }
 
 impl NatsSink {
@@ -551,6 +554,7 @@ mod tests {
         assert_eq!(picks, [Some(0), Some(2), Some(2)]);
         assert_eq!(pick(3, 7, |_| false), None);
         assert_eq!(pick(1, usize::MAX, all), Some(0));
+        assert_eq!(pick(3, usize::MAX, |i| i == 1), Some(1));
     }
 
     #[test]
