@@ -402,12 +402,14 @@ impl Delivery {
                     ),
                 ),
             };
+            // A retry must settle before the deadline: a sink whose client keeps a record
+            // after the attempt was dropped needs that long left, on top of the window.
+            let reserve = LAST_ATTEMPT_WINDOW + target.sink.attempt_lifetime().unwrap_or_default();
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             let retry = error.is_retryable()
                 && match remaining {
                     Some(remaining) => {
-                        policy.max_attempts.is_none_or(|max| attempt < max)
-                            && remaining > LAST_ATTEMPT_WINDOW
+                        policy.max_attempts.is_none_or(|max| attempt < max) && remaining > reserve
                     }
                     None => true,
                 };
@@ -426,7 +428,7 @@ impl Delivery {
             // Near the deadline the delay shrinks so that a last attempt still fits.
             let delay = policy.backoff.delay(attempt, rand::random::<f64>());
             let delay = match remaining {
-                Some(remaining) => delay.min((remaining - LAST_ATTEMPT_WINDOW) / 2),
+                Some(remaining) => delay.min((remaining - reserve) / 2),
                 None => delay,
             };
             tracing::debug!(sink = target.sink.name(), attempt, reason = error.reason(), error = %error, "publish failed; retrying");
@@ -481,6 +483,10 @@ mod tests {
         name: &'static str,
         script: Mutex<Vec<Step>>,
         attempts: AtomicU32,
+        /// What `attempt_lifetime` answers.
+        lifetime: Option<Duration>,
+        /// When each attempt began.
+        started: Mutex<Vec<Instant>>,
     }
 
     enum Step {
@@ -493,10 +499,20 @@ mod tests {
     impl Scripted {
         fn new(name: &'static str, mut script: Vec<Step>) -> Arc<Self> {
             script.reverse();
+            Self::with_lifetime(name, script, None)
+        }
+
+        fn with_lifetime(
+            name: &'static str,
+            script: Vec<Step>,
+            lifetime: Option<Duration>,
+        ) -> Arc<Self> {
             Arc::new(Self {
                 name,
                 script: Mutex::new(script),
                 attempts: AtomicU32::new(0),
+                lifetime,
+                started: Mutex::new(Vec::new()),
             })
         }
     }
@@ -508,6 +524,7 @@ mod tests {
         }
         async fn publish(&self, _event: &Event) -> Result<(), SinkError> {
             self.attempts.fetch_add(1, Ordering::SeqCst);
+            self.started.lock().unwrap().push(Instant::now());
             let step = self.script.lock().unwrap().pop().unwrap_or(Step::Ok);
             match step {
                 Step::Ok => Ok(()),
@@ -521,6 +538,9 @@ mod tests {
         }
         async fn drain(&self) -> Result<(), SinkError> {
             Ok(())
+        }
+        fn attempt_lifetime(&self) -> Option<Duration> {
+            self.lifetime
         }
     }
 
@@ -647,6 +667,45 @@ mod tests {
         // 100 ms doubling to the 1 s cap: about 14 attempts in 10 s, more near the deadline.
         let attempts = err.failures[0].attempts;
         assert!((12..=40).contains(&attempts), "{attempts} attempts");
+    }
+
+    /// A sink whose client keeps a record for 3 s after the attempt began (Kafka's
+    /// `message.timeout.ms`): no retry starts later than 3 s before the 10 s deadline, so no
+    /// record can land after the webhook was answered 503. The failure comes at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_starts_only_if_it_settles_before_the_deadline() {
+        let lifetime = Duration::from_secs(3);
+        let steps = |n| (0..n).map(|_| Step::Retryable).collect::<Vec<_>>();
+        let sink = Scripted::with_lifetime("a", steps(1000), Some(lifetime));
+        let (d, _) = delivery(vec![sink.clone()], None);
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(10);
+        let err = d.deliver(&event()).await.unwrap_err();
+        let started = sink.started.lock().unwrap().clone();
+        assert!(started.len() >= 8, "{} attempts", started.len());
+        for at in &started {
+            assert!(
+                *at + lifetime <= deadline,
+                "an attempt began at {:?}",
+                *at - start
+            );
+        }
+        // The last retry still began close to the limit: retries go on while they fit.
+        let last = started[started.len() - 1] - start;
+        assert!(last >= Duration::from_millis(6_500), "{last:?}");
+        assert!(
+            start.elapsed() <= Duration::from_secs(7),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(err.failures[0].attempts as usize, started.len());
+        // Without a lifetime the same sink is retried up to the deadline itself.
+        let free = Scripted::new("a", steps(1000));
+        let (d, _) = delivery(vec![free.clone()], None);
+        let start = Instant::now();
+        d.deliver(&event()).await.unwrap_err();
+        let last = *free.started.lock().unwrap().last().unwrap() - start;
+        assert!(last > Duration::from_millis(9_900), "{last:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -93,6 +93,15 @@ pub trait Sink: Send + Sync + 'static {
     /// Waits until everything accepted so far is confirmed, then releases resources. Called
     /// once, on shutdown, after the last publish.
     async fn drain(&self) -> Result<(), SinkError>;
+
+    /// How long a record may stay in the client after its attempt began, even once the
+    /// caller gave up on it: a client that keeps retrying a record on its own until a timeout
+    /// of its own (Kafka's `message.timeout.ms`) may still deliver it until then. Under a
+    /// deadline, a retry starts only if that much time is left, so that nothing lands after
+    /// the webhook was answered 503. `None`: an abandoned attempt is over.
+    fn attempt_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Settings outside a sink's own table that its validation must respect.

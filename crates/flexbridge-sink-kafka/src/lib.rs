@@ -571,6 +571,12 @@ impl Sink for KafkaSink {
         &self.name
     }
 
+    /// A record stays in librdkafka's queue, retried by it, until `message.timeout.ms` after
+    /// it was queued, even once the attempt was abandoned.
+    fn attempt_lifetime(&self) -> Option<Duration> {
+        Some(self.message_timeout)
+    }
+
     async fn publish(&self, event: &Event) -> Result<(), SinkError> {
         let topic = self.topic.render_with(event, topic_value);
         // Kafka refuses a topic name over 249 characters; a template with long values can
