@@ -497,16 +497,16 @@ mod tests {
     }
 
     impl Scripted {
-        fn new(name: &'static str, mut script: Vec<Step>) -> Arc<Self> {
-            script.reverse();
+        fn new(name: &'static str, script: Vec<Step>) -> Arc<Self> {
             Self::with_lifetime(name, script, None)
         }
 
         fn with_lifetime(
             name: &'static str,
-            script: Vec<Step>,
+            mut script: Vec<Step>,
             lifetime: Option<Duration>,
         ) -> Arc<Self> {
+            script.reverse();
             Arc::new(Self {
                 name,
                 script: Mutex::new(script),
