@@ -186,7 +186,7 @@ fn broker_down_at_start_then_back() {
     .send(d.ingress);
     assert_eq!(refused.status, 503, "{}", refused.text());
 
-    let mut broker = std::process::Command::new("tansu")
+    let broker = std::process::Command::new("tansu")
         .args([
             "broker",
             "--listener-url",
@@ -200,6 +200,8 @@ fn broker_down_at_start_then_back() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("tansu must be installed (scripts/kafka.sh installs it)");
+    // Stopped however the test ends: a failed assertion must not leave a broker running.
+    let _broker = KillOnDrop(broker);
     let started = Instant::now();
     while std::net::TcpStream::connect(&address).is_err() {
         assert!(
@@ -253,8 +255,16 @@ fn broker_down_at_start_then_back() {
             "{id} was answered 503 but is in Kafka"
         );
     }
-    let _ = broker.kill();
-    let _ = broker.wait();
+}
+
+/// A child process killed and reaped when dropped, on success and on panic alike.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The distinct `ce_id`s in `topic`, read until `expected` of them arrived (or a minute).
