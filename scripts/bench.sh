@@ -8,6 +8,7 @@
 # ratios to the reference in the same run are not.
 #   DURATION=10s ROWS="file ceiling-rabbitmq rabbitmq" scripts/bench.sh
 #   OUT=docs/bench scripts/bench.sh      # refresh the published results and plots
+#   FLEXBRIDGE_BIN=/tmp/before/flexbridge ROWS=spool-file scripts/bench.sh   # A/B: another build
 # Rows:
 #   file, nats, rabbitmq, kafka   confirm mode: the webhook is answered once the sink confirmed.
 #                                 nats: JetStream on $NATS_URL, a bounded stream ($NATS_STORAGE);
@@ -44,7 +45,7 @@ seconds=${DURATION%s}
 cargo build --release --locked -p flexbridge >&2
 cargo build --release --locked -p flexbridge-ingress -p flexbridge-sink-rabbitmq -p flexbridge-sink-nats \
   -p flexbridge-testkit --example bare_hyper --example rabbitmq_ceiling --example nats_ceiling --example delay_proxy >&2
-BIN="$TARGET/release/flexbridge"
+BIN=${FLEXBRIDGE_BIN:-$TARGET/release/flexbridge}
 BARE="$TARGET/release/examples/bare_hyper"
 work=$(mktemp -d)
 pid=

@@ -7,9 +7,10 @@
 //! event id).
 //!
 //! Storage is a small segment log of our own ([`log`]): append-only files, a CRC-32 per
-//! record, one `write` and one `fdatasync` for every record queued since the last one. A torn
-//! tail after a crash fails its checksum and is cut at the next start, never read back; what
-//! was acknowledged was fsynced before it. Per-sink cursors are a small file replaced by
+//! record, one `write` and one `fdatasync` for every record queued since the last one, into a
+//! finished segment's file where one can be reused (the `fdatasync` then has no file growth
+//! to commit). A torn tail after a crash fails its checksum and is cut at the next start,
+//! never read back; what was acknowledged was fsynced before it. Per-sink cursors are a small file replaced by
 //! rename, dead letters an append-only file of their own. It replaced an embedded B-tree
 //! store (redb), whose commit cost a third of the daemon's CPU at 30k events/s.
 

@@ -8,7 +8,14 @@
 //! the first record whose length, checksum or sequence number is wrong, and cuts the file
 //! there. What was acknowledged was fsynced, so it is always before that point.
 //!
-//! A segment is deleted once every sink is past its last record.
+//! A segment is deleted once every sink is past its last record, except the first one that
+//! could be kept: it is renamed to `spare` and becomes the next segment, rewritten from its
+//! start (as PostgreSQL recycles its WAL segments). An `fdatasync` after a write that grows a
+//! file also commits the new size and blocks through the filesystem's journal; one after a
+//! write over blocks already written flushes the data alone (on the bench machine's ext4 a
+//! commit took 28-38 % less time). What follows the last record of a reused file is the old
+//! segment's: a segment is cut to its last record when the next one starts, and the last
+//! segment when the log opens, so reading never runs into it.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -23,6 +30,11 @@ const MAGIC: &[u8; 8] = b"FBSPOOL1";
 const HEADER: usize = 16;
 /// A payload larger than this is a torn or foreign record (webhook bodies are far smaller).
 const MAX_RECORD: usize = 64 << 20;
+/// A finished segment kept for reuse as the next one (not a `.seg`, so never read as one).
+const SPARE: &str = "spare";
+/// A finished segment is kept as the spare only while the disk has this many segments' worth
+/// free: a disk running short gets the space back at once.
+const SPARE_ROOM: u64 = 4;
 
 /// One segment in the index.
 struct Segment {
@@ -107,6 +119,8 @@ pub(crate) struct Log {
     /// empty, so a disk that was full gets its space back.
     write_failed: bool,
     buffer: Vec<u8>,
+    /// `segments/spare` holds a finished segment to reuse.
+    spare: bool,
 }
 
 /// What opening found.
@@ -156,8 +170,20 @@ fn invalid(message: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message)
 }
 
-/// Reads the valid records of one segment; returns their offsets and where they end.
-fn scan(file: &File, path: &Path, expected_first: u64) -> io::Result<(Vec<u32>, u64)> {
+/// What [`scan`] found in one segment.
+struct Scanned {
+    /// Where each valid record starts.
+    offsets: Vec<u32>,
+    /// Where the last valid record ends.
+    len: u64,
+    /// Reading stopped at what claims to be the next record but is incomplete or fails its
+    /// checksum: a torn write (in the last segment) or damage. Otherwise it stopped at the end
+    /// of the file or at bytes left by the file's earlier use as another segment.
+    torn: bool,
+}
+
+/// Reads the valid records of one segment.
+fn scan(file: &File, path: &Path, expected_first: u64) -> io::Result<Scanned> {
     let size = file.metadata()?.len();
     let mut reader = io::BufReader::with_capacity(256 << 10, file);
     let mut magic = [0u8; 8];
@@ -171,27 +197,37 @@ fn scan(file: &File, path: &Path, expected_first: u64) -> io::Result<(Vec<u32>, 
     let mut offsets = Vec::new();
     let mut at = MAGIC.len() as u64;
     let mut payload = Vec::new();
-    loop {
+    let torn = loop {
+        let remaining = size - at;
         let mut header = [0u8; HEADER];
-        if size - at < HEADER as u64 || reader.read_exact(&mut header).is_err() {
-            break;
+        if remaining < HEADER as u64 || reader.read_exact(&mut header).is_err() {
+            // A few bytes of a header: the start of a write that went no further.
+            break remaining > 0;
         }
         let (len, crc, seq) = record_header(&header);
         let expected = expected_first + offsets.len() as u64;
-        if len > MAX_RECORD || seq != expected || size - at - (HEADER as u64) < len as u64 {
-            break;
+        if seq != expected {
+            // Sequence numbers only grow and are never reused: an earlier segment's bytes.
+            break false;
+        }
+        if len > MAX_RECORD || remaining - (HEADER as u64) < len as u64 {
+            break true;
         }
         payload.resize(len, 0);
         if reader.read_exact(&mut payload).is_err() || checksum(seq, &payload) != crc {
-            break;
+            break true;
         }
         let Ok(offset) = u32::try_from(at) else {
-            break;
+            break false;
         };
         offsets.push(offset);
         at += (HEADER + len) as u64;
-    }
-    Ok((offsets, at))
+    };
+    Ok(Scanned {
+        offsets,
+        len: at,
+        torn,
+    })
 }
 
 impl Log {
@@ -201,6 +237,7 @@ impl Log {
     pub(crate) fn open(dir: &Path, segment_bytes: u64, min_next: u64) -> io::Result<Opened> {
         let dir = dir.join("segments");
         std::fs::create_dir_all(&dir)?;
+        let spare = dir.join(SPARE).is_file();
         let mut names = Vec::new();
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
@@ -234,21 +271,25 @@ impl Log {
                     )));
                 }
             }
-            let (offsets, len) = scan(&file, &path, first)?;
+            let Scanned { offsets, len, torn } = scan(&file, &path, first)?;
             if len < size && position + 1 == count {
                 // Only the last segment is written to, so only its tail can be torn by a crash.
-                cut += size - len;
-                tracing::warn!(
-                    segment = %path.display(),
-                    bytes = size - len,
-                    "spool: cut a torn or unreadable tail (records never acknowledged)"
-                );
+                // Bytes of its earlier use go too: a write the crash interrupted may have left
+                // later blocks behind them.
+                if torn {
+                    cut += size - len;
+                    tracing::warn!(
+                        segment = %path.display(),
+                        bytes = size - len,
+                        "spool: cut a torn or unreadable tail (records never acknowledged)"
+                    );
+                }
                 file.set_len(len)?;
                 file.sync_all()?;
             } else if len < size {
-                // An earlier segment was complete once: a bad record there is a write that
-                // failed and could not be undone, or damage on disk. Its bytes stay in the
-                // file for whoever investigates; the records after it are skipped.
+                // An earlier segment was cut to its last record when the next one started: more
+                // is a write that failed and could not be undone, or damage on disk. Its bytes
+                // stay in the file for whoever investigates; the records after it are skipped.
                 tracing::error!(
                     segment = %path.display(),
                     readable = offsets.len(),
@@ -298,6 +339,7 @@ impl Log {
                 segment_bytes,
                 write_failed: false,
                 buffer: Vec::new(),
+                spare,
             },
         })
     }
@@ -312,15 +354,22 @@ impl Log {
         self.next_seq
     }
 
-    /// Starts a segment at `next_seq`: its file, magic and directory entry made durable.
+    /// Starts a segment at `next_seq`: its file (the spare, if there is one), magic and
+    /// directory entry made durable.
     fn start_segment(&mut self) -> io::Result<Arc<File>> {
         let path = self.dir.join(segment_name(self.next_seq));
+        let reuse = std::mem::take(&mut self.spare);
         let created = (|| {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)?;
+            // A spare that cannot be taken (removed by hand, say) only costs the reuse.
+            let file = if reuse && std::fs::rename(self.dir.join(SPARE), &path).is_ok() {
+                OpenOptions::new().read(true).write(true).open(&path)?
+            } else {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)?
+            };
             file.write_all_at(MAGIC, 0)?;
             file.sync_data()?;
             sync_dir(&self.dir)?;
@@ -366,7 +415,7 @@ impl Log {
         let (file, len) = match file {
             Some(file) => (file, len),
             None => {
-                self.active = None;
+                self.cut_active();
                 let file = self
                     .start_segment()
                     .inspect_err(|_| self.write_failed = true)?;
@@ -418,6 +467,35 @@ impl Log {
         Ok(first_seq)
     }
 
+    /// Stops appending to the active segment and cuts it to its last record, so a reused
+    /// file's older bytes are never read as records after it.
+    fn cut_active(&mut self) {
+        let Some(file) = self.active.take() else {
+            return;
+        };
+        let Some(len) = lock(&self.index).segments.back().map(|s| s.len) else {
+            return;
+        };
+        let cut = file.metadata().and_then(|m| {
+            if m.len() > len {
+                file.set_len(len)?;
+                file.sync_data()?;
+            }
+            Ok(())
+        });
+        if let Err(error) = cut {
+            tracing::warn!(%error, "spool: cannot cut a finished segment to its last record (the next start reports the rest as unreadable)");
+        }
+    }
+
+    /// Whether the disk has room to keep a finished segment for reuse.
+    fn room_for_spare(&self) -> bool {
+        rustix::fs::statvfs(&self.dir).is_ok_and(|stats| {
+            stats.f_bavail.saturating_mul(stats.f_frsize)
+                >= self.segment_bytes.saturating_mul(SPARE_ROOM)
+        })
+    }
+
     /// Stops appending to the active segment; an empty one is deleted.
     fn retire_active(&mut self) {
         self.active = None;
@@ -463,7 +541,15 @@ impl Log {
         }
         let count = doomed.len();
         for path in doomed {
-            std::fs::remove_file(path)?;
+            let kept = !self.spare
+                && !self.write_failed
+                && self.room_for_spare()
+                && std::fs::rename(&path, self.dir.join(SPARE)).is_ok();
+            if kept {
+                self.spare = true;
+            } else {
+                std::fs::remove_file(path)?;
+            }
         }
         if count > 0 && self.active.is_none() {
             self.write_failed = false;
@@ -609,6 +695,114 @@ mod tests {
         let back = read(&log.index, 0, 100, 100).unwrap();
         assert_eq!(back.len(), 12);
         assert_eq!(back[11].1, records(1, 11)[0]);
+    }
+
+    fn inode(path: &Path) -> u64 {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
+    }
+
+    fn segment_files(log: &Log) -> Vec<(PathBuf, u64)> {
+        lock(&log.index)
+            .segments
+            .iter()
+            .map(|s| (s.path.clone(), s.len))
+            .collect()
+    }
+
+    #[test]
+    fn a_finished_segment_is_reused_as_a_later_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), 4096, 0).unwrap().log;
+        let all = records(400, 0);
+        for chunk in all[..200].chunks(10) {
+            append(&mut log, chunk);
+        }
+        // A segment that was written to its end and left is cut to its last record.
+        let segments = segment_files(&log);
+        for (path, len) in &segments[..segments.len() - 1] {
+            assert_eq!(std::fs::metadata(path).unwrap().len(), *len);
+        }
+        let first = segments[0].0.clone();
+        let first_inode = inode(&first);
+        assert!(log.delete_below(150).unwrap() > 0);
+        let spare = dir.path().join("segments").join(SPARE);
+        assert!(!first.exists());
+        assert_eq!(
+            inode(&spare),
+            first_inode,
+            "the first finished segment is kept"
+        );
+        for chunk in all[200..].chunks(10) {
+            append(&mut log, chunk);
+        }
+        assert!(!spare.exists(), "the spare became a segment");
+        let reused = segment_files(&log)
+            .into_iter()
+            .find(|(path, _)| inode(path) == first_inode);
+        let (reused, _) = reused.expect("a later segment is the reused file");
+        assert!(reused > first);
+        let back = read(&log.index, 150, 400, 1000).unwrap();
+        assert_eq!(
+            back.iter().map(|r| &r.1).collect::<Vec<_>>(),
+            all[150..].iter().collect::<Vec<_>>()
+        );
+        drop(log);
+        let opened = Log::open(dir.path(), 4096, 0).unwrap();
+        assert_eq!(opened.cut, 0);
+        assert_eq!(opened.log.next_seq(), 400);
+        assert_eq!(read(&opened.log.index, 150, 400, 1000).unwrap(), back);
+    }
+
+    #[test]
+    fn an_earlier_use_of_the_last_segment_is_not_read_as_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let segment_bytes = 64 << 10;
+        let mut log = Log::open(dir.path(), segment_bytes, 0).unwrap().log;
+        // Large records fill the first segment; once finished, it is the spare.
+        let large = |n: u64| -> Vec<Vec<u8>> {
+            (0..n).map(|i| vec![b'a' + (i % 26) as u8; 1000]).collect()
+        };
+        append(&mut log, &large(100));
+        append(&mut log, &large(70));
+        assert_eq!(log.delete_below(100).unwrap(), 1);
+        // The next segment is the spare: small records overwrite the start of the large ones,
+        // whose later bytes stay after them.
+        append(&mut log, &records(5, 170));
+        let (path, len) = segment_files(&log).pop().unwrap();
+        assert!(
+            std::fs::metadata(&path).unwrap().len() > len,
+            "older bytes follow"
+        );
+        drop(log);
+        let opened = Log::open(dir.path(), segment_bytes, 0).unwrap();
+        assert_eq!(opened.cut, 0, "not a torn write");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            len,
+            "cut at its last record"
+        );
+        let mut log = opened.log;
+        assert_eq!(log.next_seq(), 175);
+        append(&mut log, &records(2, 175));
+        let back = read(&log.index, 170, 1000, 1000).unwrap();
+        assert_eq!(
+            back.iter().map(|r| &r.1).collect::<Vec<_>>(),
+            records(7, 170).iter().collect::<Vec<_>>()
+        );
+        // Left for the next segment: cut to its last record (a later open must find nothing
+        // after it); the file is made longer than anything written to it first.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(segment_bytes * 2)
+            .unwrap();
+        append(&mut log, &large(70));
+        append(&mut log, &records(1, 247));
+        let segments = segment_files(&log);
+        let (left, len) = &segments[segments.len() - 2];
+        assert_eq!(left, &path);
+        assert_eq!(std::fs::metadata(left).unwrap().len(), *len);
     }
 
     #[test]

@@ -498,6 +498,13 @@ async fn numbering_goes_on_after_everything_left_and_dead_letters_stay() {
         drop((runner, spool));
         let segments = std::fs::read_dir(dir.path().join("segments"))
             .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".seg")
+            })
             .count();
         assert!(
             segments <= 2,
@@ -567,5 +574,44 @@ async fn the_last_reported_cursor_always_reaches_the_writer() {
     }
     spool.progress(0, last);
     eventually("everything finished", || spool.status().unwrap().bytes == 0).await;
+    spool.close();
+}
+
+/// Every commit is timed and its records counted: the disk's share of the webhooks' latency,
+/// and how many share an fsync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_are_timed_and_their_records_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = prometheus::Registry::new();
+    let config = SpoolConfig {
+        dir: dir.path().to_owned(),
+        max_bytes: 1 << 20,
+        ..SpoolConfig::default()
+    };
+    let spool = Spool::open(&config, vec!["scripted".into()], &registry).unwrap();
+    let appends = (0..50).map(|n| {
+        let spool = Arc::clone(&spool);
+        async move { spool.append(request("KD1", n).encode()).await.unwrap() }
+    });
+    futures::future::join_all(appends).await;
+    let families = registry.gather();
+    let family = |name: &str| {
+        families
+            .iter()
+            .find(|f| f.name() == name)
+            .unwrap_or_else(|| panic!("{name} is exported"))
+            .get_metric()[0]
+            .clone()
+    };
+    let records = family("flexbridge_spool_committed_records_total");
+    assert_eq!(records.get_counter().get_value(), 50.0);
+    let commits = family("flexbridge_spool_commit_duration_seconds");
+    let histogram = commits.get_histogram();
+    assert!(
+        (1..=50).contains(&histogram.get_sample_count()),
+        "{} commits",
+        histogram.get_sample_count()
+    );
+    assert!(histogram.get_sample_sum() > 0.0);
     spool.close();
 }
