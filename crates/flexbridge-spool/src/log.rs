@@ -571,6 +571,12 @@ pub(crate) fn read(
     to: u64,
     limit: usize,
 ) -> io::Result<Vec<(u64, Vec<u8>)>> {
+    let runs = runs(index, from, to, limit);
+    read_runs(index, runs)
+}
+
+/// Where the records `from <= seq < to` (at most `limit`) are, copied out of the index.
+fn runs(index: &Mutex<Index>, from: u64, to: u64, limit: usize) -> Vec<Run> {
     let mut runs = Vec::new();
     {
         let index = lock(index);
@@ -600,29 +606,54 @@ pub(crate) fn read(
             left -= j - i;
         }
     }
+    runs
+}
+
+/// Reads the records of `runs`, in order.
+fn read_runs(index: &Mutex<Index>, runs: Vec<Run>) -> io::Result<Vec<(u64, Vec<u8>)>> {
     let mut out = Vec::new();
     for run in runs {
-        let mut bytes = vec![0u8; usize::try_from(run.end - run.start).unwrap_or(0)];
-        run.file.read_exact_at(&mut bytes, run.start)?;
-        let mut at = 0;
-        let mut seq = run.first_seq;
-        while at < bytes.len() {
-            let header = bytes
-                .get(at..at + HEADER)
-                .ok_or_else(|| invalid(format!("record {seq}: truncated header")))?;
-            let (len, crc, _) = record_header(header);
-            let payload = bytes
-                .get(at + HEADER..at + HEADER + len)
-                .ok_or_else(|| invalid(format!("record {seq}: truncated payload")))?;
-            if checksum(seq, payload) != crc {
-                return Err(invalid(format!("record {seq}: checksum mismatch")));
+        if let Err(error) = read_run(&run, &mut out) {
+            // Between the index and the read every sink may have finished the run's segment,
+            // and its file been reused for new records: those records are gone, not damaged.
+            if lock(index)
+                .first_seq()
+                .is_none_or(|first| first > run.first_seq)
+            {
+                break;
             }
-            out.push((seq, payload.to_vec()));
-            at += HEADER + len;
-            seq += 1;
+            return Err(error);
         }
     }
     Ok(out)
+}
+
+/// Reads the records of one run into `out`, checked against their checksums.
+fn read_run(run: &Run, out: &mut Vec<(u64, Vec<u8>)>) -> io::Result<()> {
+    let mut bytes = vec![0u8; usize::try_from(run.end - run.start).unwrap_or(0)];
+    run.file.read_exact_at(&mut bytes, run.start)?;
+    let mut at = 0;
+    let mut seq = run.first_seq;
+    let before = out.len();
+    while at < bytes.len() {
+        let record = bytes.get(at..at + HEADER).and_then(|header| {
+            let (len, crc, _) = record_header(header);
+            let payload = bytes.get(at + HEADER..at + HEADER + len)?;
+            Some((len, crc, payload))
+        });
+        let Some((len, crc, payload)) = record else {
+            out.truncate(before);
+            return Err(invalid(format!("record {seq}: truncated")));
+        };
+        if checksum(seq, payload) != crc {
+            out.truncate(before);
+            return Err(invalid(format!("record {seq}: checksum mismatch")));
+        }
+        out.push((seq, payload.to_vec()));
+        at += HEADER + len;
+        seq += 1;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -803,6 +834,32 @@ mod tests {
         let (left, len) = &segments[segments.len() - 2];
         assert_eq!(left, &path);
         assert_eq!(std::fs::metadata(left).unwrap().len(), *len);
+    }
+
+    #[test]
+    fn a_read_that_finds_its_segment_reused_returns_no_records_and_no_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), 4096, 0).unwrap().log;
+        for chunk in records(100, 0).chunks(10) {
+            append(&mut log, chunk);
+        }
+        let first_end = lock(&log.index).segments[0].end_seq();
+        // A reader found the first segment in the index; before it reads, every sink finishes
+        // it and its file is written again as a later segment.
+        let runs = runs(&log.index, 0, first_end, 1000);
+        log.delete_below(first_end).unwrap();
+        let large: Vec<Vec<u8>> = (0..40).map(|i| vec![b'x'; 100 + i]).collect();
+        for chunk in large.chunks(5) {
+            append(&mut log, chunk);
+        }
+        let first_inode = std::os::unix::fs::MetadataExt::ino(&runs[0].file.metadata().unwrap());
+        assert!(
+            segment_files(&log)
+                .iter()
+                .any(|(path, _)| inode(path) == first_inode),
+            "the first segment's file was reused"
+        );
+        assert!(read_runs(&log.index, runs).unwrap().is_empty());
     }
 
     #[test]
