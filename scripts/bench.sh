@@ -19,8 +19,11 @@
 #                                 acknowledgement, same message properties, no HTTP; its CPU per
 #                                 message is what the client crate itself costs. Then again at
 #                                 half its rate: the broker's own latency at half load.
-#   delay-rabbitmq, delay-nats    confirm mode through the testkit proxy adding $DELAY_MS to
-#                                 every broker-to-client packet (a broker in another zone).
+#   delay-rabbitmq, delay-nats, delay-kafka  confirm mode through the testkit proxy adding
+#                                 $DELAY_MS to every broker-to-client packet (a broker in another
+#                                 zone). delay-kafka runs a tansu of its own that advertises the
+#                                 proxy's address: a Kafka client goes to the address the
+#                                 broker's metadata names, so it would go around the proxy.
 #   spool-<sink>                  delivery.mode = "spool", broker healthy: answered once durable
 #                                 in the spool; CPU counts until the spool delivered everything.
 #   spooldown-<sink>              spool mode with the broker unreachable: what the spool takes in.
@@ -31,7 +34,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 CONCURRENCY=${CONCURRENCY:-64}
-ROWS=${ROWS:-${SINKS:-file spool-file rabbitmq ceiling-rabbitmq delay-rabbitmq spool-rabbitmq spooldown-rabbitmq nats ceiling-nats delay-nats spool-nats spooldown-nats kafka spool-kafka spooldown-kafka}}
+ROWS=${ROWS:-${SINKS:-file spool-file rabbitmq ceiling-rabbitmq delay-rabbitmq spool-rabbitmq spooldown-rabbitmq nats ceiling-nats delay-nats spool-nats spooldown-nats kafka delay-kafka spool-kafka spooldown-kafka}}
 NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
 NATS_ADDR=${NATS_ADDR:-127.0.0.1:4222}
 NATS_STORAGE=${NATS_STORAGE:-file}
@@ -50,9 +53,12 @@ BARE="$TARGET/release/examples/bare_hyper"
 work=$(mktemp -d)
 pid=
 proxy=
+delay_broker=
 cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null
   [ -n "$proxy" ] && kill "$proxy" 2>/dev/null
+  [ -n "$delay_broker" ] && kill "$delay_broker" 2>/dev/null
+  [ -d "$work/kafka" ] && FLEXBRIDGE_KAFKA_STATE="$work/kafka" scripts/kafka.sh stop
   wait 2>/dev/null; rm -rf "$work"
 }
 trap cleanup EXIT
@@ -111,7 +117,9 @@ for row in $ROWS; do
   [ "$mode" = "$row" ] && mode=confirm
   amqp_url=$AMQP_URL nats_url=$NATS_URL kafka_brokers=
   if [ "$sink" = kafka ]; then
-    [ -n "${FLEXBRIDGE_KAFKA_BROKERS:-}" ] || eval "$(scripts/kafka.sh start)"
+    # A tansu of the bench's own (its own pid file), so a test suite running beside it keeps
+    # the one it started.
+    [ -n "${FLEXBRIDGE_KAFKA_BROKERS:-}" ] || eval "$(FLEXBRIDGE_KAFKA_STATE="$work/kafka" scripts/kafka.sh start)"
     kafka_brokers=$FLEXBRIDGE_KAFKA_BROKERS
   fi
   case "$mode" in
@@ -119,7 +127,15 @@ for row in $ROWS; do
       case "$sink" in
         rabbitmq) start_proxy "$AMQP_ADDR"; amqp_url="amqp://guest:guest@127.0.0.1:$proxy_port/%2f" ;;
         nats) start_proxy "$NATS_ADDR"; nats_url="nats://127.0.0.1:$proxy_port" ;;
-        *) echo "delay-$sink: the proxy row exists for rabbitmq and nats" >&2; exit 64 ;;
+        kafka)
+          kafka_port=$(free_port)
+          start_proxy "127.0.0.1:$kafka_port"
+          tansu broker --listener-url "tcp://127.0.0.1:$kafka_port" --advertised-listener-url "tcp://127.0.0.1:$proxy_port" \
+            --storage-engine memory://tansu/ >"$work/tansu-delay.log" 2>&1 &
+          delay_broker=$!
+          wait_port "$kafka_port" || { cat "$work/tansu-delay.log" >&2; exit 1; }
+          kafka_brokers=127.0.0.1:$proxy_port ;;
+        *) echo "delay-$sink: the proxy row exists for rabbitmq, nats and kafka" >&2; exit 64 ;;
       esac ;;
     spooldown) # nothing listens there
       dead=$(free_port)
@@ -180,6 +196,7 @@ for row in $ROWS; do
   rss=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
   if [ -n "$proxy" ]; then kill "$proxy"; wait "$proxy" 2>/dev/null || true; proxy=; fi
+  if [ -n "$delay_broker" ]; then kill "$delay_broker"; wait "$delay_broker" 2>/dev/null || true; delay_broker=; fi
   empty
   results+=("$row|$full|$half|$cpu|$events|$rss")
 done

@@ -125,7 +125,9 @@ pub struct KafkaSinkConfig {
     #[serde(default = "default_message_timeout", with = "humantime_serde")]
     pub message_timeout: Duration,
     /// `linger.ms`: how long the producer waits to batch records under load (1 ms by
-    /// default; 0 makes one request per record).
+    /// default; 0 makes one request per record). Against a broker that answers much later,
+    /// at a high rate per partition, librdkafka's broker thread spins while it waits: the
+    /// README's Kafka section says what to raise.
     #[serde(default = "default_linger", with = "humantime_serde")]
     pub linger: Duration,
     /// librdkafka properties (e.g. `security.protocol`, `sasl.mechanisms`, `sasl.username`,
