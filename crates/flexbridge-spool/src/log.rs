@@ -746,6 +746,22 @@ mod tests {
             .collect()
     }
 
+    /// Checks that records `from..` of `all` read back from `log`, and the same after it is
+    /// reopened (4 KiB segments) with nothing cut; returns the reopened log.
+    fn records_survive_reopen(dir: &Path, log: Log, all: &[Vec<u8>], from: usize) -> Log {
+        let (first, end) = (from as u64, all.len() as u64);
+        let back = read(&log.index, first, end, 1000).unwrap();
+        assert_eq!(
+            back.iter().map(|r| &r.1).collect::<Vec<_>>(),
+            all[from..].iter().collect::<Vec<_>>()
+        );
+        drop(log);
+        let opened = Log::open(dir, 4096, 0).unwrap();
+        assert_eq!(opened.cut, 0);
+        assert_eq!(read(&opened.log.index, first, end, 1000).unwrap(), back);
+        opened.log
+    }
+
     #[test]
     fn a_finished_segment_is_reused_as_a_later_one() {
         let dir = tempfile::tempdir().unwrap();
@@ -778,16 +794,8 @@ mod tests {
             .find(|(path, _)| inode(path) == first_inode);
         let (reused, _) = reused.expect("a later segment is the reused file");
         assert!(reused > first);
-        let back = read(&log.index, 150, 400, 1000).unwrap();
-        assert_eq!(
-            back.iter().map(|r| &r.1).collect::<Vec<_>>(),
-            all[150..].iter().collect::<Vec<_>>()
-        );
-        drop(log);
-        let opened = Log::open(dir.path(), 4096, 0).unwrap();
-        assert_eq!(opened.cut, 0);
-        assert_eq!(opened.log.next_seq(), 400);
-        assert_eq!(read(&opened.log.index, 150, 400, 1000).unwrap(), back);
+        let reopened = records_survive_reopen(dir.path(), log, &all, 150);
+        assert_eq!(reopened.next_seq(), 400);
     }
 
     #[test]
@@ -819,15 +827,7 @@ mod tests {
         for chunk in all[210..].chunks(10) {
             append(&mut log, chunk);
         }
-        let back = read(&log.index, 100, 300, 1000).unwrap();
-        assert_eq!(
-            back.iter().map(|r| &r.1).collect::<Vec<_>>(),
-            all[100..].iter().collect::<Vec<_>>()
-        );
-        drop(log);
-        let opened = Log::open(dir.path(), 4096, 0).unwrap();
-        assert_eq!(opened.cut, 0);
-        assert_eq!(read(&opened.log.index, 100, 300, 1000).unwrap(), back);
+        records_survive_reopen(dir.path(), log, &all, 100);
     }
 
     #[test]
