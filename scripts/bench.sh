@@ -5,7 +5,9 @@
 # reference, then one row per entry of $ROWS, and reports for each: requests per second at full
 # load, latency at full and at half load, flexbridge's own CPU time per event (user + system,
 # from /proc) and its peak RSS. Absolute figures on a shared 2-core machine are noisy; the
-# ratios to the reference in the same run are not.
+# ratios to the reference in the same run are not, as long as the machine keeps its speed:
+# bare hyper runs again for $PROBE (3 s) before every row, and targets.md says whether those
+# probes stayed within 0.10 of the reference (a VM's host can slow it down for minutes).
 #   DURATION=10s ROWS="file ceiling-rabbitmq rabbitmq" scripts/bench.sh
 #   OUT=docs/bench scripts/bench.sh      # refresh the published results and plots
 #   FLEXBRIDGE_BIN=/tmp/before/flexbridge ROWS=spool-file scripts/bench.sh   # A/B: another build
@@ -98,13 +100,29 @@ ceiling() {
   out=$(/usr/bin/time -f "%U %S" -o "$work/ceiling.time" "$@")
   cpu=$(awk -v tck="$(getconf CLK_TCK)" '{print int(($1 + $2) * tck)}' "$work/ceiling.time")
   half=$("$@" --rate "$(python3 -c "print(round($(field "$out" rate)/2))")")
-  results+=("$row|$out|$half|$cpu|$(field "$out" sent)|0")
+  results+=("$row|$out|$half|$cpu|$(field "$out" sent)|0|$near")
+}
+
+# Bare hyper again, briefly, before each row: a host whose speed changes during the run (a
+# busy neighbour on the same physical machine) shows here, and a row measured on a slower
+# machine than the reference is not compared with it unawares.
+probe() {
+  local port out
+  port=$(free_port)
+  "$BARE" "127.0.0.1:$port" &
+  pid=$!
+  wait_port "$port"
+  simulate_to "$port" --duration 1s >/dev/null || true # warmed up, as the reference is
+  out=$(simulate_to "$port" --duration "${PROBE:-3s}")
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+  near=$(field "$out" rate)
 }
 
 for row in $ROWS; do
   # The previous row's dirty pages (a spool row writes gigabytes) are written back now, not
   # during this row's measurement, where they would slow the brokers' own fsyncs.
   sync
+  probe
   case "$row" in
     ceiling-rabbitmq)
       ceiling "$row" "$TARGET/release/examples/rabbitmq_ceiling" --url "$AMQP_URL" --duration "$seconds" --in-flight "$CONCURRENCY"
@@ -198,7 +216,7 @@ for row in $ROWS; do
   if [ -n "$proxy" ]; then kill "$proxy"; wait "$proxy" 2>/dev/null || true; proxy=; fi
   if [ -n "$delay_broker" ]; then kill "$delay_broker"; wait "$delay_broker" 2>/dev/null || true; delay_broker=; fi
   empty
-  results+=("$row|$full|$half|$cpu|$events|$rss")
+  results+=("$row|$full|$half|$cpu|$events|$rss|$near")
 done
 
 mkdir -p "$OUT"
@@ -223,10 +241,12 @@ print(f"bare hyper reference: {bare['rate']:.0f} req/s, {bare_us:.1f} us CPU per
 ceilings = {r.split("|")[0].split("-", 1)[1]: json.loads(r.split("|")[1])["rate"]
             for r in sys.argv[8:] if r.startswith("ceiling-")}
 for row in sys.argv[8:]:
-    name, full, half, cpu, events, rss = row.split("|")
-    full, half, cpu, events, rss = json.loads(full), json.loads(half), float(cpu), float(events), float(rss)
+    name, full, half, cpu, events, rss, near = row.split("|")
+    full, half, cpu, events, rss, near = json.loads(full), json.loads(half), float(cpu), float(events), float(rss), float(near)
     entry = {"row": name, "rate": full["rate"], "x_bare": full["rate"] / bare["rate"],
-             "p50_ms": full["latency_ms"]["p50"], "p99_ms": full["latency_ms"]["p99"]}
+             "p50_ms": full["latency_ms"]["p50"], "p99_ms": full["latency_ms"]["p99"],
+             "bare_before": near, "bare_before_x": near / bare["rate"]}
+    print(f"{name}: bare hyper just before it {near:.0f} req/s ({near / bare['rate']:.2f}x the reference)")
     if name.startswith("ceiling-"):
         if events:
             entry["cpu_us"] = cpu / tck / events * 1e6

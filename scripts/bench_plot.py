@@ -90,19 +90,27 @@ save(fig, "cpu.png")
 print(f"plots: {out}/throughput.png {out}/latency.png {out}/cpu.png")
 
 # The table docs/bench/README.md embeds.
-lines = ["| row | req/s | × bare | × ceiling | p50 / p99 ms (full) | p50 / p99 ms (half) | CPU µs/event | peak RSS MiB |",
-         "|---|---|---|---|---|---|---|---|",
-         f"| bare hyper | {bare['rate']:,.0f} | 1.00 | | {bare['p50_ms']:.1f} / {bare['p99_ms']:.1f} | | {bare['cpu_us']:.1f} | |"]
+# "bare before": bare hyper measured again just before the row, over the reference: a host
+# that slowed down during the run shows here.
+lines = ["| row | req/s | × bare | × ceiling | p50 / p99 ms (full) | p50 / p99 ms (half) | CPU µs/event | peak RSS MiB | bare before |",
+         "|---|---|---|---|---|---|---|---|---|",
+         f"| bare hyper | {bare['rate']:,.0f} | 1.00 | | {bare['p50_ms']:.1f} / {bare['p99_ms']:.1f} | | {bare['cpu_us']:.1f} | | 1.00 |"]
+
+
+def before(r):
+    return f"{r['bare_before_x']:.2f}" if "bare_before_x" in r else ""
+
+
 for r in rows:
     if r["row"].startswith("ceiling-"):
         cpu = f"{r['cpu_us']:.1f}" if r.get("cpu_us") else ""
         half = f"{r['half_p50_ms']:.1f} / {r['half_p99_ms']:.1f}" if "half_p99_ms" in r else ""
-        lines.append(f"| {r['row']} (plain client) | {r['rate']:,.0f} | {r['x_bare']:.2f} | 1.00 | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {half} | {cpu} | |")
+        lines.append(f"| {r['row']} (plain client) | {r['rate']:,.0f} | {r['x_bare']:.2f} | 1.00 | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {half} | {cpu} | | {before(r)} |")
         continue
     ceiling = f"{r['x_ceiling']:.2f}" if "x_ceiling" in r else ""
     cpu = f"{r['cpu_us']:.1f}" if r.get("cpu_us") else ""
     lines.append(f"| {r['row']} | {r['rate']:,.0f} | {r['x_bare']:.2f} | {ceiling} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | "
-                 f"{r['half_p50_ms']:.1f} / {r['half_p99_ms']:.1f} | {cpu} | {r['rss_mib']:.0f} |")
+                 f"{r['half_p50_ms']:.1f} / {r['half_p99_ms']:.1f} | {cpu} | {r['rss_mib']:.0f} | {before(r)} |")
 with open(f"{out}/table.md", "w") as f:
     f.write("\n".join(lines) + "\n")
 print(f"table: {out}/table.md")
@@ -161,9 +169,15 @@ for r in rows:
     target(f"{r['row']} p99 at half load", r["half_p99_ms"], 5, "le", "ms", None, note)
 peak = max((r["rss_mib"] for r in rows if "rss_mib" in r), default=None)
 target("peak RSS, any row", peak, 64, "le", "MiB")
+probes = [r["bare_before_x"] for r in rows if "bare_before_x" in r]
+spread = (min(probes + [1.0]), max(probes + [1.0]))  # the reference itself is 1.0
+steady = (f" Measured again before each row: {min(probes):.2f}-{max(probes):.2f}x that"
+          + ("." if spread[1] - spread[0] <= 0.10 else
+             ": the machine's speed changed during the run, so rows are not comparable with each other.")
+          if probes else "")
 with open(f"{out}/targets.md", "w") as f:
     f.write(f"Bare hyper in this run: {bare['rate']:,.0f} req/s at {bare['cpu_us']:.1f} µs per request "
-            f"(where the targets were set: {REF_RATE:,} at {REF_CPU}).\n\n"
+            f"(where the targets were set: {REF_RATE:,} at {REF_CPU}).{steady}\n\n"
             "| target | measured | as stated | | scaled by bare | | note |\n|---|---|---|---|---|---|---|\n"
             + "\n".join(targets) + "\n")
 print(f"targets: {out}/targets.md")
