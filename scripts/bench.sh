@@ -79,16 +79,24 @@ start_proxy() { # upstream; sets $proxy (its pid) and $proxy_port. Not in $(...)
   rm -f "$work/proxy.port"
 }
 
-# The reference: bare hyper under the same load.
-port=$(free_port)
-"$BARE" "127.0.0.1:$port" &
-pid=$!
-wait_port "$port"
-simulate_to "$port" --duration 2s >/dev/null || true
-before=$(ticks)
-bare=$(simulate_to "$port" --duration "$DURATION")
-bare_cpu=$(( $(ticks) - before ))
-kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+# Bare hyper under the same load, after a warm-up: sets $bare_out (the load generator's
+# summary) and $bare_ticks (its CPU time). Not in $(...): the pid must reach this shell.
+bare_hyper() { # warm-up, duration
+  local port before
+  port=$(free_port)
+  "$BARE" "127.0.0.1:$port" &
+  pid=$!
+  wait_port "$port"
+  simulate_to "$port" --duration "$1" >/dev/null || true
+  before=$(ticks)
+  bare_out=$(simulate_to "$port" --duration "$2")
+  bare_ticks=$(( $(ticks) - before ))
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+}
+
+# The reference.
+bare_hyper 2s "$DURATION"
+bare=$bare_out bare_cpu=$bare_ticks
 results=()
 # A ceiling row: the plain client's figures and its own CPU time (user + system, in clock
 # ticks, from GNU time), so its CPU per message stands beside flexbridge's per event.
@@ -107,15 +115,8 @@ ceiling() {
 # busy neighbour on the same physical machine) shows here, and a row measured on a slower
 # machine than the reference is not compared with it unawares.
 probe() {
-  local port out
-  port=$(free_port)
-  "$BARE" "127.0.0.1:$port" &
-  pid=$!
-  wait_port "$port"
-  simulate_to "$port" --duration 1s >/dev/null || true # warmed up, as the reference is
-  out=$(simulate_to "$port" --duration "${PROBE:-3s}")
-  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
-  near=$(field "$out" rate)
+  bare_hyper 1s "${PROBE:-3s}"
+  near=$(field "$bare_out" rate)
 }
 
 for row in $ROWS; do
