@@ -4,12 +4,15 @@
 # measures a bare hyper server (crates/flexbridge-ingress/examples/bare_hyper.rs) as the
 # reference, then one row per entry of $ROWS, and reports for each: requests per second at full
 # load, latency at full and at half load, flexbridge's own CPU time per event (user + system,
-# from /proc) and its peak RSS. Absolute figures on a shared 2-core machine are noisy; the
-# ratios to the reference in the same run are not, as long as the machine keeps its speed:
-# bare hyper runs again for $PROBE (3 s) before every row, and targets.md says whether those
-# probes stayed within 0.10 of the reference (a VM's host can slow it down for minutes).
+# from /proc) and its peak RSS. Absolute figures on a shared 2-core machine are noisy, and a
+# VM's host can slow it down for minutes, so a ratio only divides figures measured next to
+# each other: bare hyper runs again for $PROBE (3 s) before every row, and the row's "x bare"
+# divides by that probe, not by the reference measured minutes earlier. $ROUNDS runs the whole
+# row list that many times: every figure is then the median over the rounds, shown with its
+# range, and a ratio is taken within a round (a broker row over its plain client's ceiling of
+# the same round) before the median.
 #   DURATION=10s ROWS="file ceiling-rabbitmq rabbitmq" scripts/bench.sh
-#   OUT=docs/bench scripts/bench.sh      # refresh the published results and plots
+#   ROUNDS=3 OUT=docs/bench scripts/bench.sh      # refresh the published results and plots
 #   FLEXBRIDGE_BIN=/tmp/before/flexbridge ROWS=spool-file scripts/bench.sh   # A/B: another build
 # Rows:
 #   file, nats, rabbitmq, kafka   confirm mode: the webhook is answered once the sink confirmed.
@@ -36,6 +39,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 CONCURRENCY=${CONCURRENCY:-64}
+ROUNDS=${ROUNDS:-1}
 ROWS=${ROWS:-${SINKS:-file spool-file rabbitmq ceiling-rabbitmq delay-rabbitmq spool-rabbitmq spooldown-rabbitmq nats ceiling-nats delay-nats spool-nats spooldown-nats kafka delay-kafka spool-kafka spooldown-kafka}}
 NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
 NATS_ADDR=${NATS_ADDR:-127.0.0.1:4222}
@@ -108,18 +112,21 @@ ceiling() {
   out=$(/usr/bin/time -f "%U %S" -o "$work/ceiling.time" "$@")
   cpu=$(awk -v tck="$(getconf CLK_TCK)" '{print int(($1 + $2) * tck)}' "$work/ceiling.time")
   half=$("$@" --rate "$(python3 -c "print(round($(field "$out" rate)/2))")")
-  results+=("$row|$out|$half|$cpu|$(field "$out" sent)|0|$near")
+  results+=("$round|$row|$out|$half|$cpu|$(field "$out" sent)|0|$near")
 }
 
-# Bare hyper again, briefly, before each row: a host whose speed changes during the run (a
-# busy neighbour on the same physical machine) shows here, and a row measured on a slower
-# machine than the reference is not compared with it unawares.
+# Bare hyper again, briefly, before each row: the row's "x bare" divides by it, so a host
+# whose speed changes during the run (a busy neighbour on the same physical machine) does not
+# change the ratio, and the change shows in the table's "bare before" column.
 probe() {
   bare_hyper 1s "${PROBE:-3s}"
-  near=$(field "$bare_out" rate)
+  near="$bare_out|$bare_ticks"
 }
 
-for row in $ROWS; do
+# One row of one round: appends "round|row|full|half|cpu ticks|events|rss|probe|probe ticks"
+# to $results.
+measure() {
+  local row=$1
   # The previous row's dirty pages (a spool row writes gigabytes) are written back now, not
   # during this row's measurement, where they would slow the brokers' own fsyncs.
   sync
@@ -127,10 +134,10 @@ for row in $ROWS; do
   case "$row" in
     ceiling-rabbitmq)
       ceiling "$row" "$TARGET/release/examples/rabbitmq_ceiling" --url "$AMQP_URL" --duration "$seconds" --in-flight "$CONCURRENCY"
-      continue ;;
+      return ;;
     ceiling-nats)
       ceiling "$row" "$TARGET/release/examples/nats_ceiling" --url "$NATS_URL" --duration "$seconds" --in-flight "$CONCURRENCY" --storage "$NATS_STORAGE"
-      continue ;;
+      return ;;
   esac
   mode=${row%%-*}; sink=${row#*-}
   [ "$mode" = "$row" ] && mode=confirm
@@ -217,63 +224,15 @@ for row in $ROWS; do
   if [ -n "$proxy" ]; then kill "$proxy"; wait "$proxy" 2>/dev/null || true; proxy=; fi
   if [ -n "$delay_broker" ]; then kill "$delay_broker"; wait "$delay_broker" 2>/dev/null || true; delay_broker=; fi
   empty
-  results+=("$row|$full|$half|$cpu|$events|$rss|$near")
+  results+=("$round|$row|$full|$half|$cpu|$events|$rss|$near")
+}
+
+for round in $(seq 1 "$ROUNDS"); do
+  for row in $ROWS; do measure "$row"; done
 done
 
 mkdir -p "$OUT"
-python3 - "$OUT/results.json" "$bare" "$bare_cpu" "$(getconf CLK_TCK)" "$CONCURRENCY" "$DURATION" "$DELAY_MS" "${results[@]}" <<'PY'
-import json, os, platform, subprocess, sys, time
-out, bare, bare_cpu, tck, conc, duration, delay = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7]
-bare_us = bare_cpu / tck / bare["sent"] * 1e6
-cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown")
-mem_kib = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal"))
-lat = lambda r: f"p50 {r['latency_ms']['p50']:.2f} ms  p99 {r['latency_ms']['p99']:.2f} ms"
-doc = {
-    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    "machine": {"cpus": os.cpu_count(), "cpu": cpu_model, "memory_gib": round(mem_kib / 2**20, 1),
-                "kernel": platform.release(), "note": "load generator, brokers and flexbridge share these cores"},
-    "settings": {"connections": conc, "duration": duration, "proxy_delay_ms": int(delay)},
-    "bare": {"rate": bare["rate"], "p50_ms": bare["latency_ms"]["p50"], "p99_ms": bare["latency_ms"]["p99"], "cpu_us": bare_us},
-    "rows": [],
-}
-print(f"{conc} connections; load generator, brokers and daemon on this machine")
-print(f"bare hyper reference: {bare['rate']:.0f} req/s, {bare_us:.1f} us CPU per request, {lat(bare)}")
-# Ceilings first, so every broker row is shown as a ratio of its broker's, in any row order.
-ceilings = {r.split("|")[0].split("-", 1)[1]: json.loads(r.split("|")[1])["rate"]
-            for r in sys.argv[8:] if r.startswith("ceiling-")}
-for row in sys.argv[8:]:
-    name, full, half, cpu, events, rss, near = row.split("|")
-    full, half, cpu, events, rss, near = json.loads(full), json.loads(half), float(cpu), float(events), float(rss), float(near)
-    entry = {"row": name, "rate": full["rate"], "x_bare": full["rate"] / bare["rate"],
-             "p50_ms": full["latency_ms"]["p50"], "p99_ms": full["latency_ms"]["p99"],
-             "bare_before": near, "bare_before_x": near / bare["rate"]}
-    print(f"{name}: bare hyper just before it {near:.0f} req/s ({near / bare['rate']:.2f}x the reference)")
-    if name.startswith("ceiling-"):
-        if events:
-            entry["cpu_us"] = cpu / tck / events * 1e6
-        entry.update({"half_rate": half["rate"], "half_p50_ms": half["latency_ms"]["p50"], "half_p99_ms": half["latency_ms"]["p99"]})
-        cpu_text = f"  client CPU per message {entry['cpu_us']:.1f} us" if "cpu_us" in entry else ""
-        print(f"{name} (plain client, no HTTP): {full['rate']:.0f} msg/s  {lat(full)}{cpu_text}")
-        print(f"  half load: {half['rate']:.0f} msg/s  {lat(half)}")
-        doc["rows"].append(entry)
-        continue
-    cpu_us = cpu / tck / events * 1e6 if events else None
-    entry.update({"half_rate": half["rate"], "half_p50_ms": half["latency_ms"]["p50"], "half_p99_ms": half["latency_ms"]["p99"],
-                  "cpu_us": cpu_us, "rss_mib": rss / 1024, "status": full["status"], "events": int(events)})
-    sink = name.split("-", 1)[-1]
-    if name == sink and sink in ceilings:
-        entry["x_ceiling"] = full["rate"] / ceilings[sink]
-    doc["rows"].append(entry)
-    print(f"{name}:")
-    extra = f", {entry['x_ceiling']:.2f}x the broker's ceiling" if "x_ceiling" in entry else ""
-    print(f"  full load: {full['rate']:.0f} req/s ({entry['x_bare']:.2f}x bare{extra})  {lat(full)}  status {full['status']}")
-    print(f"  half load: {half['rate']:.0f} req/s  {lat(half)}  status {half['status']}")
-    cpu_text = f"{cpu_us:.1f} us ({cpu_us/bare_us:.2f}x bare per request)" if cpu_us else "n/a"
-    print(f"  CPU per event: {cpu_text}  peak RSS {rss/1024:.1f} MiB  events counted: {int(events)}")
-with open(out, "w") as f:
-    json.dump(doc, f, indent=2)
-print(f"results: {out}")
-PY
+python3 scripts/bench_results.py "$OUT/results.json" "$bare" "$bare_cpu" "$(getconf CLK_TCK)" "$CONCURRENCY" "$DURATION" "$DELAY_MS" "${results[@]}"
 if python3 -c 'import matplotlib' 2>/dev/null || pip install -q matplotlib >&2; then
   python3 scripts/bench_plot.py "$OUT/results.json" "$OUT"
 else

@@ -15,14 +15,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 results, out = json.load(open(sys.argv[1])), sys.argv[2]
 os.makedirs(out, exist_ok=True)
 rows = results["rows"]
-# Each confirm-mode broker row as a ratio of its broker's ceiling, wherever the ceiling row is.
-ceilings = {r["row"].split("-", 1)[1]: r["rate"] for r in rows if r["row"].startswith("ceiling-")}
-for r in rows:
-    if r["row"] in ceilings:
-        r["x_ceiling"] = r["rate"] / ceilings[r["row"]]
-bare = results["bare"]
+bare = results["bare"]  # the median of the bare hyper probes, one before each row
+rounds = results["settings"].get("rounds", 1)
 subtitle = (f"{results['machine']['cpus']} cores, {results['settings']['connections']} connections, "
-            f"load generator + brokers + flexbridge on one machine, {results['date'][:10]}")
+            f"load generator + brokers + flexbridge on one machine, {results['date'][:10]}"
+            + (f", median of {rounds} rounds (bars: range)" if rounds > 1 else ""))
+
+
+def errors(items, key):
+    """Matplotlib's yerr for the range over the rounds of `key` (values scaled like the bars)."""
+    scale = 1000 if key == "rate" else 1
+    low = [(r[key] - r.get("range", {}).get(key, (r[key], r[key]))[0]) / scale for r in items]
+    high = [(r.get("range", {}).get(key, (r[key], r[key]))[1] - r[key]) / scale for r in items]
+    return [low, high] if rounds > 1 else None
 
 
 def color(name):
@@ -45,7 +50,7 @@ def save(fig, name):
 
 names = [r["row"] for r in rows]
 fig, ax = plt.subplots(figsize=(11, 5))
-ax.bar(names, [r["rate"] / 1000 for r in rows], color=[color(n) for n in names])
+ax.bar(names, [r["rate"] / 1000 for r in rows], color=[color(n) for n in names], yerr=errors(rows, "rate"), capsize=3)
 ax.axhline(bare["rate"] / 1000, color="black", linestyle="--", linewidth=1, label=f"bare hyper {bare['rate']/1000:.0f}k")
 for n, r in zip(names, rows):
     ax.text(n, r["rate"] / 1000, f"{r['rate']/1000:.1f}k", ha="center", va="bottom", fontsize=8)
@@ -75,7 +80,8 @@ save(fig, "latency.png")
 
 with_cpu = [r for r in rows if r.get("cpu_us")]  # ceilings too: the client crate's own cost
 fig, ax = plt.subplots(figsize=(11, 5))
-ax.bar([r["row"] for r in with_cpu], [r["cpu_us"] for r in with_cpu], color=[color(r["row"]) for r in with_cpu])
+ax.bar([r["row"] for r in with_cpu], [r["cpu_us"] for r in with_cpu], color=[color(r["row"]) for r in with_cpu],
+       yerr=errors(with_cpu, "cpu_us"), capsize=3)
 ax.axhline(bare["cpu_us"], color="black", linestyle="--", linewidth=1, label=f"bare hyper {bare['cpu_us']:.1f} us")
 ax.axhline(16, color="red", linestyle=":", linewidth=1, label="target: file sink 16 us")
 ax.axhline(20, color="purple", linestyle=":", linewidth=1, label="target: brokers 20 us")
@@ -89,28 +95,31 @@ plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
 save(fig, "cpu.png")
 print(f"plots: {out}/throughput.png {out}/latency.png {out}/cpu.png")
 
-# The table docs/bench/README.md embeds.
-# "bare before": bare hyper measured again just before the row, over the reference: a host
-# that slowed down during the run shows here.
+# The table docs/bench/README.md embeds. "× bare" divides by bare hyper measured just before the
+# row; "bare before" is that probe over the median of all probes: a host that slowed down
+# during the run shows there. With several rounds: medians, and the range over the rounds.
+
+
+def ranged(r, key, fmt):
+    low, high = r.get("range", {}).get(key, (None, None))
+    return fmt(r[key]) + (f" ({fmt(low)}-{fmt(high)})" if rounds > 1 and low is not None else "")
+
+
+rate_fmt, x_fmt, cpu_fmt = (lambda v: f"{v:,.0f}"), (lambda v: f"{v:.2f}"), (lambda v: f"{v:.1f}")
+probes = f"median of {bare['probes']} probes" if bare.get("probes", 1) > 1 else "before the rows"
 lines = ["| row | req/s | × bare | × ceiling | p50 / p99 ms (full) | p50 / p99 ms (half) | CPU µs/event | peak RSS MiB | bare before |",
          "|---|---|---|---|---|---|---|---|---|",
-         f"| bare hyper | {bare['rate']:,.0f} | 1.00 | | {bare['p50_ms']:.1f} / {bare['p99_ms']:.1f} | | {bare['cpu_us']:.1f} | | 1.00 |"]
-
-
-def before(r):
-    return f"{r['bare_before_x']:.2f}" if "bare_before_x" in r else ""
-
-
+         f"| bare hyper ({probes}) | {ranged(bare, 'rate', rate_fmt)} | 1.00 | | {bare['p50_ms']:.1f} / {bare['p99_ms']:.1f} | | {bare['cpu_us']:.1f} | | |"]
 for r in rows:
+    cpu = ranged(r, "cpu_us", cpu_fmt) if r.get("cpu_us") else ""
+    half = f"{r['half_p50_ms']:.1f} / {r['half_p99_ms']:.1f}"
+    common = f"{ranged(r, 'rate', rate_fmt)} | {ranged(r, 'x_bare', x_fmt)}"
     if r["row"].startswith("ceiling-"):
-        cpu = f"{r['cpu_us']:.1f}" if r.get("cpu_us") else ""
-        half = f"{r['half_p50_ms']:.1f} / {r['half_p99_ms']:.1f}" if "half_p99_ms" in r else ""
-        lines.append(f"| {r['row']} (plain client) | {r['rate']:,.0f} | {r['x_bare']:.2f} | 1.00 | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {half} | {cpu} | | {before(r)} |")
+        lines.append(f"| {r['row']} (plain client) | {common} | 1.00 | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {half} | {cpu} | | {ranged(r, 'bare_before_x', x_fmt)} |")
         continue
-    ceiling = f"{r['x_ceiling']:.2f}" if "x_ceiling" in r else ""
-    cpu = f"{r['cpu_us']:.1f}" if r.get("cpu_us") else ""
-    lines.append(f"| {r['row']} | {r['rate']:,.0f} | {r['x_bare']:.2f} | {ceiling} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | "
-                 f"{r['half_p50_ms']:.1f} / {r['half_p99_ms']:.1f} | {cpu} | {r['rss_mib']:.0f} | {before(r)} |")
+    ceiling = ranged(r, "x_ceiling", x_fmt) if "x_ceiling" in r else ""
+    lines.append(f"| {r['row']} | {common} | {ceiling} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | "
+                 f"{half} | {cpu} | {r['rss_mib']:.0f} | {ranged(r, 'bare_before_x', x_fmt)} |")
 with open(f"{out}/table.md", "w") as f:
     f.write("\n".join(lines) + "\n")
 print(f"table: {out}/table.md")
@@ -124,10 +133,12 @@ by_row = {r["row"]: r for r in rows}
 targets = []
 
 
-def target(name, measured, goal, better, unit, scale=None, note=""):
-    """better: "ge" or "le"; scale: None (a ratio target), "rate" or "cpu"."""
-    if measured is None:
+def target(name, row, key, goal, better, unit, scale=None, note=""):
+    """The median of `key` in `row` against `goal`; better: "ge" or "le"; scale: None (a ratio
+    target), "rate" or "cpu"."""
+    if row is None or row.get(key) is None:
         return
+    measured = row[key]
     scaled = None
     if scale == "rate":
         scaled = goal * bare["rate"] / REF_RATE
@@ -136,48 +147,45 @@ def target(name, measured, goal, better, unit, scale=None, note=""):
     met = (lambda g: measured >= g) if better == "ge" else (lambda g: measured <= g)
     sign = "≥" if better == "ge" else "≤"
     fmt = (lambda v: f"{v:,.0f}") if unit == "req/s" else (lambda v: f"{v:.2f}" if unit == "x" else f"{v:.1f}")
-    targets.append(f"| {name} | {fmt(measured)} {unit} | {sign} {fmt(goal)} | {'met' if met(goal) else '**not met**'} | "
+    low, high = row.get("range", {}).get(key, (None, None))
+    spread = f" ({fmt(low)}-{fmt(high)})" if rounds > 1 and low is not None else ""
+    targets.append(f"| {name} | {fmt(measured)} {unit}{spread} | {sign} {fmt(goal)} | {'met' if met(goal) else '**not met**'} | "
                    + (f"{sign} {fmt(scaled)} | {'met' if met(scaled) else '**not met**'}" if scaled is not None else " | ")
                    + f" | {note} |")
 
 
-def get(row, key):
-    return by_row.get(row, {}).get(key)
-
-
-rq, crq = by_row.get("rabbitmq"), by_row.get("ceiling-rabbitmq")
-if rq and crq:
-    target("rabbitmq rate × its plain client's", rq["rate"] / crq["rate"], 0.85, "ge", "x")
-    target("rabbitmq p99 × its plain client's (full load)", rq["p99_ms"] / crq["p99_ms"], 2.0, "le", "x")
-target("nats (JetStream) rate", get("nats", "rate"), 46_000, "ge", "req/s", "rate",
-       f"plain client {get('ceiling-nats', 'rate'):,.0f} msg/s" if get("ceiling-nats", "rate") else "")
-target("kafka rate", get("kafka", "rate"), 30_000, "ge", "req/s", "rate")
-target("file rate", get("file", "rate"), 45_000, "ge", "req/s", "rate")
-target("file rate × bare", get("file", "x_bare"), 0.65, "ge", "x")
-target("file CPU per event", get("file", "cpu_us"), 16, "le", "µs", "cpu")
+target("rabbitmq rate × its plain client's", by_row.get("rabbitmq"), "x_ceiling", 0.85, "ge", "x")
+target("rabbitmq p99 × its plain client's (full load)", by_row.get("rabbitmq"), "p99_x_ceiling", 2.0, "le", "x")
+target("nats (JetStream) rate", by_row.get("nats"), "rate", 46_000, "ge", "req/s", "rate",
+       f"plain client {by_row['ceiling-nats']['rate']:,.0f} msg/s" if "ceiling-nats" in by_row else "")
+target("kafka rate", by_row.get("kafka"), "rate", 30_000, "ge", "req/s", "rate")
+target("file rate", by_row.get("file"), "rate", 45_000, "ge", "req/s", "rate")
+target("file rate × bare", by_row.get("file"), "x_bare", 0.65, "ge", "x")
+target("file CPU per event", by_row.get("file"), "cpu_us", 16, "le", "µs", "cpu")
 for sink in ("rabbitmq", "nats", "kafka"):
-    ceiling_cpu = get(f"ceiling-{sink}", "cpu_us")
-    target(f"{sink} CPU per event", get(sink, "cpu_us"), 20, "le", "µs", "cpu",
+    ceiling_cpu = by_row.get(f"ceiling-{sink}", {}).get("cpu_us")
+    target(f"{sink} CPU per event", by_row.get(sink), "cpu_us", 20, "le", "µs", "cpu",
            f"the plain client alone {ceiling_cpu:.1f} µs" if ceiling_cpu else "")
 for r in rows:
     # delay-* rows add 5 ms to every broker answer on purpose: the target is not theirs.
     if r["row"].startswith(("ceiling-", "delay-")) or "half_p99_ms" not in r:
         continue
     sink = r["row"].split("-", 1)[-1]
-    client = get(f"ceiling-{sink}", "half_p99_ms")
+    client = by_row.get(f"ceiling-{sink}", {}).get("half_p99_ms")
     note = f"plain client at half its load: {client:.1f} ms" if client is not None and r["row"] == sink else ""
-    target(f"{r['row']} p99 at half load", r["half_p99_ms"], 5, "le", "ms", None, note)
+    target(f"{r['row']} p99 at half load", r, "half_p99_ms", 5, "le", "ms", None, note)
 peak = max((r["rss_mib"] for r in rows if "rss_mib" in r), default=None)
-target("peak RSS, any row", peak, 64, "le", "MiB")
-probes = [r["bare_before_x"] for r in rows if "bare_before_x" in r]
-spread = (min(probes + [1.0]), max(probes + [1.0]))  # the reference itself is 1.0
-steady = (f" Measured again before each row: {min(probes):.2f}-{max(probes):.2f}x that"
-          + ("." if spread[1] - spread[0] <= 0.10 else
-             ": the machine's speed changed during the run, so rows are not comparable with each other.")
-          if probes else "")
+if peak is not None:
+    target("peak RSS, any row", {"rss_mib": peak}, "rss_mib", 64, "le", "MiB")
+befores = [e["bare_before_x"] for r in rows for e in r.get("rounds", [r])]
+steady = (f" Bare hyper just before each row: {min(befores):.2f}-{max(befores):.2f}x that median"
+          + ("." if max(befores) - min(befores) <= 0.10 else
+             " (the machine's speed changed during the run: compare figures within a row, and the"
+             " ratios, which divide by figures measured next to them).") if befores else "")
+how = (f" Medians of {rounds} rounds (range); each ratio is taken within its round." if rounds > 1 else "")
 with open(f"{out}/targets.md", "w") as f:
-    f.write(f"Bare hyper in this run: {bare['rate']:,.0f} req/s at {bare['cpu_us']:.1f} µs per request "
-            f"(where the targets were set: {REF_RATE:,} at {REF_CPU}).{steady}\n\n"
+    f.write(f"Bare hyper in this run ({probes}): {bare['rate']:,.0f} req/s at {bare['cpu_us']:.1f} µs per request "
+            f"(where the targets were set: {REF_RATE:,} at {REF_CPU}).{steady}{how}\n\n"
             "| target | measured | as stated | | scaled by bare | | note |\n|---|---|---|---|---|---|---|\n"
             + "\n".join(targets) + "\n")
 print(f"targets: {out}/targets.md")
