@@ -6,8 +6,9 @@
 # load, latency at full and at half load, flexbridge's own CPU time per event (user + system,
 # from /proc) and its peak RSS. Absolute figures on a shared 2-core machine are noisy, and a
 # VM's host can slow it down for minutes, so a ratio only divides figures measured next to
-# each other: bare hyper runs again for $PROBE (3 s) before every row, and the row's "x bare"
-# divides by that probe, not by the reference measured minutes earlier. $ROUNDS runs the whole
+# each other: bare hyper runs again for $PROBE (3 s) before every row (and after the last),
+# and a row's "x bare" divides by the mean of the probes just before and just after it, not
+# by the reference measured minutes earlier. $ROUNDS runs the whole
 # row list that many times: every figure is then the median over the rounds, shown with its
 # range, and a ratio is taken within a round (a broker row over its plain client's ceiling of
 # the same round) before the median.
@@ -115,9 +116,10 @@ ceiling() {
   results+=("$round|$row|$out|$half|$cpu|$(field "$out" sent)|0|$near")
 }
 
-# Bare hyper again, briefly, before each row: the row's "x bare" divides by it, so a host
-# whose speed changes during the run (a busy neighbour on the same physical machine) does not
-# change the ratio, and the change shows in the table's "bare before" column.
+# Bare hyper again, briefly, before each row: a row's "x bare" divides by the mean of this
+# probe and the next one, so a host whose speed changes during the run (a busy neighbour on
+# the same physical machine) does not change the ratio, and the change shows in the table's
+# "bare before" column.
 probe() {
   bare_hyper 1s "${PROBE:-3s}"
   near="$bare_out|$bare_ticks"
@@ -171,6 +173,9 @@ measure() {
   esac
   port=$(free_port); admin=$(free_port)
   config="$work/$row.toml"
+  # Every round of a row starts from nothing: no spool left by the previous round (its
+  # segments to reuse, its backlog), no file to append to.
+  rm -rf "$work/spool-$row" "$work/$row.jsonl"
   daemon_config "$config" "$port" "$admin"
   if [ "$mode" = spool ] || [ "$mode" = spooldown ]; then
     printf '[delivery]\nmode = "spool"\n[spool]\ndir = "%s/spool-%s"\n' "$work" "$row" >> "$config"
@@ -230,9 +235,11 @@ measure() {
 for round in $(seq 1 "$ROUNDS"); do
   for row in $ROWS; do measure "$row"; done
 done
+# The probe after the last row: a row is compared with bare hyper before and after it.
+probe
 
 mkdir -p "$OUT"
-python3 scripts/bench_results.py "$OUT/results.json" "$bare" "$bare_cpu" "$(getconf CLK_TCK)" "$CONCURRENCY" "$DURATION" "$DELAY_MS" "${results[@]}"
+python3 scripts/bench_results.py "$OUT/results.json" "$bare" "$bare_cpu" "$(getconf CLK_TCK)" "$CONCURRENCY" "$DURATION" "$DELAY_MS" "$near" "${results[@]}"
 if python3 -c 'import matplotlib' 2>/dev/null || pip install -q matplotlib >&2; then
   python3 scripts/bench_plot.py "$OUT/results.json" "$OUT"
 else

@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """The figures of a bench run (scripts/bench.sh): prints them and writes results.json.
 
-Usage: bench_results.py OUT.json REFERENCE REFERENCE_TICKS CLK_TCK CONNECTIONS DURATION DELAY_MS ENTRY...
-where REFERENCE is the load generator's JSON summary of the opening bare hyper run and each
-ENTRY is "round|row|full|half|cpu ticks|events|rss KiB|probe|probe ticks": the load
-generator's (or the plain client's) summaries at full and half load, the CPU time and events
-counted over the full-load run, the peak RSS, and the bare hyper probe run just before the row.
+Usage: bench_results.py OUT.json REFERENCE REFERENCE_TICKS CLK_TCK CONNECTIONS DURATION DELAY_MS
+                        LAST_PROBE ENTRY...
+where REFERENCE is the load generator's JSON summary of the opening bare hyper run, each ENTRY
+(in the order they ran) is "round|row|full|half|cpu ticks|events|rss KiB|probe|probe ticks":
+the load generator's (or the plain client's) summaries at full and half load, the CPU time and
+events counted over the full-load run, the peak RSS, and the bare hyper probe run just before
+the row; LAST_PROBE is "probe|probe ticks" of the probe after the last row.
 
 A VM's host can change its speed for minutes, so no ratio here divides by a figure measured
-far away in time: a row's "x_bare" divides by the probe just before it, and a broker row's
-"x_ceiling" by its plain client's ceiling in the same round. With several rounds each figure
-is the median over the rounds (ratios are taken within a round first), with its range.
+far away in time: a row's "x_bare" divides by the mean of the probes just before and just
+after it, and a broker row's "x_ceiling" by its plain client's ceiling in the same round.
+With several rounds each figure is the median over the rounds (ratios are taken within a
+round first), with its range.
 """
 import json
 import os
@@ -35,7 +38,6 @@ def per_round(fields, tck):
         "bare_before": probe["rate"], "bare_before_cpu_us": float(probe_ticks) / tck / probe["sent"] * 1e6,
         "bare_before_p50_ms": probe["latency_ms"]["p50"], "bare_before_p99_ms": probe["latency_ms"]["p99"],
     }
-    entry["x_bare"] = entry["rate"] / entry["bare_before"]
     if events:
         entry["cpu_us"] = cpu / tck / events * 1e6
     if not name.startswith("ceiling-"):
@@ -65,9 +67,14 @@ def median_row(entries):
 
 
 def main():
-    out, reference, reference_ticks, tck, conc, duration, delay = sys.argv[1:8]
+    out, reference, reference_ticks, tck, conc, duration, delay, last_probe = sys.argv[1:9]
     reference, tck = json.loads(reference), float(tck)
-    entries = [per_round(arg.split("|"), tck) for arg in sys.argv[8:]]
+    entries = [per_round(arg.split("|"), tck) for arg in sys.argv[9:]]
+    # The probe after each row is the next row's, or the last one.
+    afters = [e["bare_before"] for e in entries[1:]] + [json.loads(last_probe.split("|")[0])["rate"]]
+    for e, after in zip(entries, afters):
+        e["bare_after"] = after
+        e["x_bare"] = e["rate"] / ((e["bare_before"] + after) / 2)
     # A broker row over its plain client's ceiling of the same round, rate and p99.
     ceilings = {(e["round"], e["row"].split("-", 1)[1]): e for e in entries if e["row"].startswith("ceiling-")}
     for e in entries:
@@ -125,7 +132,7 @@ def report(doc):
     for row in doc["rows"]:
         name = row["row"]
         rate = f"{row['rate']:.0f}{span(row, 'rate', lambda v: f'{v:.0f}')}"
-        x_bare = f"{row['x_bare']:.2f}x{span(row, 'x_bare', lambda v: f'{v:.2f}')} the bare hyper probe before it"
+        x_bare = f"{row['x_bare']:.2f}x{span(row, 'x_bare', lambda v: f'{v:.2f}')} bare hyper probed before and after it"
         cpu = (f"{row['cpu_us']:.1f} us{span(row, 'cpu_us', lambda v: f'{v:.1f}')}" if "cpu_us" in row else "n/a")
         if name.startswith("ceiling-"):
             print(f"{name} (plain client, no HTTP): {rate} msg/s  {lat(row['p50_ms'], row['p99_ms'])}  client CPU per message {cpu}")

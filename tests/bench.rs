@@ -1,8 +1,8 @@
 //! The bench's arithmetic (`scripts/bench_results.py`, `scripts/bench_plot.py`), on figures
 //! made up for it: a machine that runs at half speed during one of three rounds must not
 //! change a ratio, because each ratio divides figures measured next to each other (a row by
-//! the bare hyper probe just before it, a broker row by its plain client in the same round),
-//! and the median over the rounds is taken after the division.
+//! the bare hyper probes just before and after it, a broker row by its plain client in the
+//! same round), and the median over the rounds is taken after the division.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::{json, Value};
@@ -63,6 +63,8 @@ fn every_ratio_is_taken_within_its_round_and_the_median_follows() {
         .arg(&results)
         .arg(summary(100_000.0, 1.0))
         .args(["2100", "100", "64", "10s", "5"])
+        // The probe after the last row.
+        .arg(format!("{}|700", summary(100_000.0, 1.0)))
         .args(&entries)
         .output()
         .expect("python3");
@@ -101,6 +103,12 @@ fn every_ratio_is_taken_within_its_round_and_the_median_follows() {
     close(&rabbitmq["range"]["x_ceiling"][0], 0.8);
     close(&rabbitmq["range"]["x_ceiling"][1], 8_500.0 / 9_000.0);
     close(&rabbitmq["p99_x_ceiling"], 1.0);
+    // The last row of round 1 had the probe at full speed before it and the one at half
+    // speed (round 2's first) after it: it is compared with their mean.
+    close(
+        &row("ceiling-rabbitmq")["rounds"][0]["x_bare"],
+        10_000.0 / 75_000.0,
+    );
     // The plain client has no RSS or status of flexbridge's.
     assert!(row("ceiling-rabbitmq").get("rss_mib").is_none());
     // Bare hyper: the median of the nine probes, one at half speed in three of them.
