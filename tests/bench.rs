@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::{json, Value};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -14,6 +15,22 @@ fn root() -> PathBuf {
         .join("..")
         .canonicalize()
         .unwrap()
+}
+
+/// Runs a script of the repository with python3; fails (never skips) when it fails or Python
+/// is missing (`scripts/test.sh` installs matplotlib for `bench_plot.py`).
+fn python(args: &[OsString]) {
+    let output = Command::new("python3")
+        .current_dir(root())
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        output.status.success(),
+        "{:?} failed:\n{}",
+        args.first(),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// The load generator's `--json-summary` for `rate` requests a second over 10 s.
@@ -57,22 +74,13 @@ fn every_ratio_is_taken_within_its_round_and_the_median_follows() {
         entry(3, "rabbitmq", 8_500.0, 1.0),
         entry(3, "ceiling-rabbitmq", 9_000.0, 1.0),
     ];
-    let output = Command::new("python3")
-        .current_dir(root())
-        .arg("scripts/bench_results.py")
-        .arg(&results)
-        .arg(summary(100_000.0, 1.0))
-        .args(["2100", "100", "64", "10s", "5"])
-        // The probe after the last row.
-        .arg(format!("{}|700", summary(100_000.0, 1.0)))
-        .args(&entries)
-        .output()
-        .expect("python3");
-    assert!(
-        output.status.success(),
-        "bench_results.py failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let mut args: Vec<OsString> = vec!["scripts/bench_results.py".into(), results.clone().into()];
+    args.push(summary(100_000.0, 1.0).into());
+    args.extend(["2100", "100", "64", "10s", "5"].map(OsString::from));
+    // The probe after the last row.
+    args.push(format!("{}|700", summary(100_000.0, 1.0)).into());
+    args.extend(entries.map(OsString::from));
+    python(&args);
     let doc: Value = serde_json::from_slice(&std::fs::read(&results).unwrap()).unwrap();
     assert_eq!(doc["settings"]["rounds"], 3);
     let row = |name: &str| {
@@ -111,24 +119,17 @@ fn every_ratio_is_taken_within_its_round_and_the_median_follows() {
     );
     // The plain client has no RSS or status of flexbridge's.
     assert!(row("ceiling-rabbitmq").get("rss_mib").is_none());
-    // Bare hyper: the median of the nine probes, one at half speed in three of them.
+    // Bare hyper: the median of the nine probes, three of them at half speed.
     close(&doc["bare"]["rate"], 100_000.0);
     close(&doc["bare"]["range"]["rate"][0], 50_000.0);
 
     // The judged targets read the medians of the ratios, with their range.
     let plots = dir.path().join("plots");
-    let output = Command::new("python3")
-        .current_dir(root())
-        .arg("scripts/bench_plot.py")
-        .arg(&results)
-        .arg(&plots)
-        .output()
-        .expect("python3");
-    assert!(
-        output.status.success(),
-        "bench_plot.py failed (scripts/test.sh installs matplotlib):\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    python(&[
+        "scripts/bench_plot.py".into(),
+        results.into(),
+        plots.clone().into(),
+    ]);
     let targets = std::fs::read_to_string(plots.join("targets.md")).unwrap();
     assert!(
         targets
