@@ -97,7 +97,8 @@ print(f"plots: {out}/throughput.png {out}/latency.png {out}/cpu.png")
 
 # The table docs/bench/README.md embeds. "× bare" divides by the mean of the bare hyper probes
 # just before and just after the row; "bare before" is the probe before it over the median of
-# all probes: a host that slowed down during the run shows there. With several rounds: medians, and the range over the rounds.
+# all probes: a host that slowed down during the run shows there. With several rounds:
+# medians, and the range over the rounds.
 
 
 def ranged(r, key, fmt):

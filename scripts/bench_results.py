@@ -27,7 +27,8 @@ RANGED = ("rate", "x_bare", "x_ceiling", "p99_x_ceiling", "cpu_us", "half_p99_ms
 
 
 def per_round(fields, tck):
-    """One row of one round, with its ratio to the probe just before it."""
+    """One row of one round and the bare hyper probe just before it (its "x_bare" needs the
+    probe after it too, so main() adds it)."""
     rnd, name, full, half, cpu, events, rss, probe, probe_ticks = fields
     full, half, probe = json.loads(full), json.loads(half), json.loads(probe)
     cpu, events = float(cpu), float(events)
