@@ -341,7 +341,7 @@ fn kill_9_in_the_middle_of_commits_loses_nothing_acknowledged() {
     kill_9_in_the_middle_of_commits("", 0);
 }
 
-/// The same with 1 MiB segments and a first batch delivered before: the finished segment's
+/// The same with 1 MiB segments (an eighth of `max_bytes`) and a first batch delivered before: the finished segment's
 /// file is reused for the next one, so the kill lands on commits into a file that still holds
 /// an earlier segment's bytes after them. None of those is read back, nothing acknowledged is
 /// lost.
@@ -376,17 +376,24 @@ fn kill_9_in_the_middle_of_commits(spool_settings: &str, first: u32) {
     wait_ready(&d);
     let mut acknowledged = 0;
     if first > 0 {
-        let count = first.to_string();
+        // One event first, so the first segment's file exists and is noted before anything
+        // can finish it: with a fast broker the whole batch can be delivered, and the file
+        // reused, before the batch's last answer reaches this test.
+        let one = simulate_with(&d.url(PATH), TOKEN, &["--count", "1"]);
+        acknowledged += one["status"]["200"].as_u64().unwrap();
+        wait_delivered(&d, "rabbit", Duration::from_secs(10));
+        let before = segment_inodes(spool.path());
+        assert_eq!(before.len(), 1, "one segment file: {before:?}");
+        let count = (first - 1).to_string();
         let summary = simulate_with(
             &d.url(PATH),
             TOKEN,
             &["--count", &count, "--concurrency", "32"],
         );
         acknowledged += summary["status"]["200"].as_u64().unwrap();
-        let before = segment_inodes(spool.path());
         wait_delivered(&d, "rabbit", Duration::from_secs(60));
-        // Everything delivered: the segment (past a quarter of its size) is finished, and
-        // its file is the next segment under a new name.
+        // Everything delivered: the segments (past a quarter of their 1 MiB) are finished,
+        // and the first one's file is a later segment under a new name.
         let started = Instant::now();
         while !segment_inodes(spool.path())
             .iter()
