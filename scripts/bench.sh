@@ -20,9 +20,10 @@
 #                                 nats: JetStream on $NATS_URL, a bounded stream ($NATS_STORAGE);
 #                                 rabbitmq: $AMQP_URL, a durable topic exchange and a bounded
 #                                 durable queue; kafka: tansu (scripts/kafka.sh), 3 partitions.
-#   ceiling-rabbitmq, ceiling-nats  the broker's own ceiling: a plain client (the sink crates'
-#                                 `*_ceiling` examples) with $CONCURRENCY publishes awaiting their
-#                                 acknowledgement, same message properties, no HTTP; its CPU per
+#   ceiling-rabbitmq, ceiling-nats, ceiling-kafka  the broker's own ceiling: a plain client (the
+#                                 sink crates' `*_ceiling` examples) with $CONCURRENCY publishes
+#                                 awaiting their acknowledgement, same message properties (Kafka:
+#                                 the sink's producer settings), no HTTP; its CPU per
 #                                 message is what the client crate itself costs. Then again at
 #                                 half its rate: the broker's own latency at half load.
 #   delay-rabbitmq, delay-nats, delay-kafka  confirm mode through the testkit proxy adding
@@ -41,7 +42,7 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 CONCURRENCY=${CONCURRENCY:-64}
 ROUNDS=${ROUNDS:-1}
-ROWS=${ROWS:-${SINKS:-file spool-file rabbitmq ceiling-rabbitmq delay-rabbitmq spool-rabbitmq spooldown-rabbitmq nats ceiling-nats delay-nats spool-nats spooldown-nats kafka delay-kafka spool-kafka spooldown-kafka}}
+ROWS=${ROWS:-${SINKS:-file spool-file rabbitmq ceiling-rabbitmq delay-rabbitmq spool-rabbitmq spooldown-rabbitmq nats ceiling-nats delay-nats spool-nats spooldown-nats kafka ceiling-kafka delay-kafka spool-kafka spooldown-kafka}}
 NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
 NATS_ADDR=${NATS_ADDR:-127.0.0.1:4222}
 NATS_STORAGE=${NATS_STORAGE:-file}
@@ -54,7 +55,8 @@ seconds=${DURATION%s}
 
 cargo build --release --locked -p flexbridge >&2
 cargo build --release --locked -p flexbridge-ingress -p flexbridge-sink-rabbitmq -p flexbridge-sink-nats \
-  -p flexbridge-testkit --example bare_hyper --example rabbitmq_ceiling --example nats_ceiling --example delay_proxy >&2
+  -p flexbridge-sink-kafka -p flexbridge-testkit --example bare_hyper --example rabbitmq_ceiling --example nats_ceiling \
+  --example kafka_ceiling --example delay_proxy >&2
 BIN=${FLEXBRIDGE_BIN:-$TARGET/release/flexbridge}
 BARE="$TARGET/release/examples/bare_hyper"
 work=$(mktemp -d)
@@ -139,6 +141,10 @@ measure() {
       return ;;
     ceiling-nats)
       ceiling "$row" "$TARGET/release/examples/nats_ceiling" --url "$NATS_URL" --duration "$seconds" --in-flight "$CONCURRENCY" --storage "$NATS_STORAGE"
+      return ;;
+    ceiling-kafka) # the kafka row's tansu; a topic of its own, deleted at its end
+      [ -n "${FLEXBRIDGE_KAFKA_BROKERS:-}" ] || eval "$(FLEXBRIDGE_KAFKA_STATE="$work/kafka" scripts/kafka.sh start)"
+      ceiling "$row" "$TARGET/release/examples/kafka_ceiling" --brokers "$FLEXBRIDGE_KAFKA_BROKERS" --duration "$seconds" --in-flight "$CONCURRENCY"
       return ;;
   esac
   mode=${row%%-*}; sink=${row#*-}

@@ -63,13 +63,20 @@ fn every_ratio_is_taken_within_its_round_and_the_median_follows() {
     let results = dir.path().join("results.json");
     // Round 2 on a host at half speed. RabbitMQ over its ceiling: 0.90, 0.80 and 0.944 in
     // the three rounds (median 0.90), where the ratio of the medians would be 8.5k/9k = 0.944.
+    // Kafka at its plain client's rate in every round (1.00), first in each round.
     let entries = [
+        entry(1, "kafka", 30_000.0, 1.0),
+        entry(1, "ceiling-kafka", 30_000.0, 1.0),
         entry(1, "file", 50_000.0, 1.0),
         entry(1, "rabbitmq", 9_000.0, 1.0),
         entry(1, "ceiling-rabbitmq", 10_000.0, 1.0),
+        entry(2, "kafka", 30_000.0, 0.5),
+        entry(2, "ceiling-kafka", 30_000.0, 0.5),
         entry(2, "file", 50_000.0, 0.5),
         entry(2, "rabbitmq", 8_000.0, 0.5),
         entry(2, "ceiling-rabbitmq", 10_000.0, 0.5),
+        entry(3, "kafka", 30_000.0, 1.0),
+        entry(3, "ceiling-kafka", 30_000.0, 1.0),
         entry(3, "file", 50_000.0, 1.0),
         entry(3, "rabbitmq", 8_500.0, 1.0),
         entry(3, "ceiling-rabbitmq", 9_000.0, 1.0),
@@ -119,7 +126,8 @@ fn every_ratio_is_taken_within_its_round_and_the_median_follows() {
     );
     // The plain client has no RSS or status of flexbridge's.
     assert!(row("ceiling-rabbitmq").get("rss_mib").is_none());
-    // Bare hyper: the median of the nine probes, three of them at half speed.
+    close(&row("kafka")["x_ceiling"], 1.0);
+    // Bare hyper: the median of the fifteen probes, five of them at half speed.
     close(&doc["bare"]["rate"], 100_000.0);
     close(&doc["bare"]["range"]["rate"][0], 50_000.0);
 
@@ -138,6 +146,18 @@ fn every_ratio_is_taken_within_its_round_and_the_median_follows() {
     );
     assert!(
         targets.contains("| file rate × bare | 0.50 x (0.50-0.50) | ≥ 0.65 | **not met** |"),
+        "{targets}"
+    );
+    // A sink's targets name its plain client's figures beside its own.
+    assert!(
+        targets.contains("| kafka rate | 30,000 req/s (15,000-30,000) | ≥ 30,000 | met |")
+            && targets.contains("| plain client 30,000 msg/s |"),
+        "{targets}"
+    );
+    assert!(
+        targets.contains(
+            "| kafka p99 at half load | 4.0 ms (4.0-4.0) | ≤ 5.0 | met |  |  | plain client at half its load: 4.0 ms |"
+        ),
         "{targets}"
     );
     assert!(targets.contains("the machine's speed changed"), "{targets}");

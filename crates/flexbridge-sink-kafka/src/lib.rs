@@ -229,7 +229,11 @@ impl KafkaSinkConfig {
                 "message.timeout.ms",
                 self.message_timeout.as_millis().to_string(),
             )
-            .set("linger.ms", self.linger.as_millis().to_string())
+            // librdkafka takes fractions of a millisecond: "500us" must not become 0.
+            .set(
+                "linger.ms",
+                (self.linger.as_secs_f64() * 1000.0).to_string(),
+            )
             .set("client.id", format!("flexbridge-{}", self.name))
             // A topic the broker says does not exist fails within a second instead of after
             // librdkafka's default 30 s (longer than any acknowledgement deadline).
@@ -733,6 +737,23 @@ mod tests {
             "properties": pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
         }))
         .unwrap()
+    }
+
+    /// `linger` reaches librdkafka as it was written, a fraction of a millisecond included
+    /// (`as_millis` once turned "500us" into 0, a request per record).
+    #[test]
+    fn linger_keeps_fractions_of_a_millisecond() {
+        for (linger, expected) in [
+            ("500us", "0.5"),
+            ("1ms", "1"),
+            ("2ms 500us", "2.5"),
+            ("0s", "0"),
+        ] {
+            let mut config = with_properties(&[]);
+            config.linger = humantime::parse_duration(linger).unwrap();
+            let native = config.client_config().create_native_config().unwrap();
+            assert_eq!(native.get("linger.ms").unwrap(), expected, "{linger}");
+        }
     }
 
     /// A managed Kafka needs TLS, SASL (PLAIN, SCRAM, OAUTHBEARER) and the usual codecs: this
