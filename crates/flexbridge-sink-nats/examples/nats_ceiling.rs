@@ -9,30 +9,18 @@
 use async_nats::jetstream::{self, message::PublishMessage, stream};
 use async_nats::HeaderMap;
 use clap::Parser;
-use hdrhistogram::Histogram;
-use std::time::{Duration, Instant};
+use flexbridge_testkit::ceiling::{self, LoadArgs};
 
 #[derive(Parser)]
 struct Args {
     /// The server.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     url: String,
-    /// Seconds of load.
-    #[arg(long, default_value_t = 10)]
-    duration: u64,
-    /// Publishes per second, paced as `flexbridge simulate --rate` paces webhooks (the
-    /// bench's half-load run); without it, as fast as the acknowledgements come back.
-    #[arg(long)]
-    rate: Option<f64>,
-    /// Publishes awaiting their PubAck at any time.
-    #[arg(long, default_value_t = 64)]
-    in_flight: usize,
+    #[command(flatten)]
+    load: LoadArgs,
     /// Client connections; the publishers take them in turn.
     #[arg(long, default_value_t = 1)]
     connections: usize,
-    /// Payload bytes (the sink's binary-mode payload is about this size).
-    #[arg(long, default_value_t = 370)]
-    size: usize,
     /// Stream storage: file or memory.
     #[arg(long, default_value = "file")]
     storage: String,
@@ -77,73 +65,44 @@ async fn main() {
     .await
     .expect("stream");
 
-    let payload = bytes::Bytes::from(vec![b'x'; args.size]);
-    let deadline = Instant::now() + Duration::from_secs(args.duration);
-    let started = Instant::now();
-    let pacer = std::sync::Arc::new(flexbridge_testkit::Pacer::new(args.rate));
+    let payload = bytes::Bytes::from(vec![b'x'; args.load.size]);
     let mut contexts = vec![js.clone()];
     for _ in 1..args.connections.max(1) {
         let extra = async_nats::connect(&args.url).await.expect("connect");
         contexts.push(jetstream::new(extra));
     }
-    let mut workers = Vec::new();
-    for worker in 0..args.in_flight {
-        let (js, payload, subject) = (
+    let subject: std::sync::Arc<str> = format!("{subject}.ACx.channel").into();
+    let measured = ceiling::drive(&args.load, move |worker, n| {
+        let (js, subject) = (
             contexts[worker % contexts.len()].clone(),
-            payload.clone(),
-            format!("{subject}.ACx.channel"),
+            std::sync::Arc::clone(&subject),
         );
-        let pacer = std::sync::Arc::clone(&pacer);
-        workers.push(tokio::spawn(async move {
-            let mut latency =
-                Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
-            let mut n = 0u64;
-            while Instant::now() < deadline {
-                n += 1;
-                let mut headers = HeaderMap::new();
-                headers.insert("Content-Type", "application/json");
-                for header in [
-                    "ce-specversion",
-                    "ce-source",
-                    "ce-subject",
-                    "ce-time",
-                    "ce-dataschema",
-                    "ce-type",
-                    "ce-id",
-                ] {
-                    headers.insert(header, "AC6cc6c0214ebb8cff8474535aaa544929");
-                }
-                let message = PublishMessage::build()
-                    .payload(payload.clone())
-                    .headers(headers)
-                    .message_id(format!("{}-{worker}-{n}", std::process::id()));
-                pacer.turn().await;
-                let sent = Instant::now();
-                js.send_publish(subject.clone(), message)
-                    .await
-                    .expect("publish")
-                    .await
-                    .expect("ack");
-                latency.saturating_record(sent.elapsed().as_micros().max(1) as u64);
-            }
-            latency
-        }));
-    }
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
-    for worker in workers {
-        latency.add(worker.await.expect("worker")).expect("merge");
-    }
-    let elapsed = started.elapsed().as_secs_f64();
+        let mut headers = HeaderMap::new();
+        headers.insert("Content-Type", "application/json");
+        for header in [
+            "ce-specversion",
+            "ce-source",
+            "ce-subject",
+            "ce-time",
+            "ce-dataschema",
+            "ce-type",
+            "ce-id",
+        ] {
+            headers.insert(header, "AC6cc6c0214ebb8cff8474535aaa544929");
+        }
+        let message = PublishMessage::build()
+            .payload(payload.clone())
+            .headers(headers)
+            .message_id(format!("{}-{worker}-{n}", std::process::id()));
+        async move {
+            js.send_publish(subject.to_string(), message)
+                .await
+                .expect("publish")
+                .await
+                .expect("ack");
+        }
+    })
+    .await;
     let _ = js.delete_stream(&name).await;
-    println!(
-        "{}",
-        serde_json::json!({
-            "rate": latency.len() as f64 / elapsed,
-            "sent": latency.len(),
-            "latency_ms": {
-                "p50": latency.value_at_quantile(0.5) as f64 / 1000.0,
-                "p99": latency.value_at_quantile(0.99) as f64 / 1000.0,
-            },
-        })
-    );
+    println!("{}", measured.summary());
 }

@@ -7,33 +7,21 @@
 #![allow(clippy::expect_used)] // a measurement tool: a broken set-up should stop it loudly
 
 use clap::Parser;
-use hdrhistogram::Histogram;
+use flexbridge_testkit::ceiling::{self, LoadArgs};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
-use std::time::{Duration, Instant};
 
 #[derive(Parser)]
 struct Args {
     /// The broker.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     url: String,
-    /// Seconds of load.
-    #[arg(long, default_value_t = 10)]
-    duration: u64,
-    /// Publishes per second, paced as `flexbridge simulate --rate` paces webhooks (the
-    /// bench's half-load run); without it, as fast as the acknowledgements come back.
-    #[arg(long)]
-    rate: Option<f64>,
-    /// Publishes awaiting their confirm at any time.
-    #[arg(long, default_value_t = 64)]
-    in_flight: usize,
-    /// Payload bytes (the sink's binary-mode payload is about this size).
-    #[arg(long, default_value_t = 370)]
-    size: usize,
+    #[command(flatten)]
+    load: LoadArgs,
     /// Publishing channels, each in confirm mode; publishers take them in turn.
     #[arg(long, default_value_t = 1)]
     channels: usize,
@@ -117,105 +105,78 @@ async fn main() {
             .expect("confirm_select");
         channels.push(extra);
     }
-    let payload = vec![b'x'; args.size];
-    let deadline = Instant::now() + Duration::from_secs(args.duration);
-    let started = Instant::now();
-    let pacer = std::sync::Arc::new(flexbridge_testkit::Pacer::new(args.rate));
-    let mut workers = Vec::new();
-    for worker in 0..args.in_flight {
+    let payload = std::sync::Arc::new(vec![b'x'; args.load.size]);
+    let exchange: std::sync::Arc<str> = name.as_str().into();
+    let publishers = channels.clone();
+    let measured = ceiling::drive(&args.load, move |worker, n| {
         let (channel, exchange, payload) = (
-            channels[worker % channels.len()].clone(),
-            name.clone(),
-            payload.clone(),
+            publishers[worker % publishers.len()].clone(),
+            std::sync::Arc::clone(&exchange),
+            std::sync::Arc::clone(&payload),
         );
-        let pacer = std::sync::Arc::clone(&pacer);
-        workers.push(tokio::spawn(async move {
-            let mut latency =
-                Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
-            let mut n = 0u64;
-            while Instant::now() < deadline {
-                n += 1;
-                pacer.turn().await;
-                let sent = Instant::now();
-                let mut headers = FieldTable::default();
-                // What the sink sends in binary mode for a typical event: every CloudEvents
-                // attribute but the content type, with values of the same lengths.
-                for (header, value) in [
-                    ("cloudEvents_specversion", "1.0"),
-                    ("cloudEvents_id", "5e4a8c25e109f40ea69b88349cf50257"),
-                    (
-                        "cloudEvents_source",
-                        "/twilio/accounts/AC8c8e24da3e1b3d45f914b4f8ebfc73c5/flex/interactions",
-                    ),
-                    (
-                        "cloudEvents_type",
-                        "com.twilio.flex.interactions.interaction.created",
-                    ),
-                    ("cloudEvents_subject", "KDe9bef2ca293c6ec7e1bd6a9f14db1248"),
-                    ("cloudEvents_time", "2026-12-01T11:37:26.766Z"),
-                    (
-                        "cloudEvents_dataschema",
-                        "urn:flexbridge:schema:FlexInteractions.InteractionCreated:1",
-                    ),
-                    (
-                        "cloudEvents_partitionkey",
-                        "KDe9bef2ca293c6ec7e1bd6a9f14db1248",
-                    ),
-                ] {
-                    headers.insert(
-                        header.into(),
-                        AMQPValue::LongString(LongString::from(value)),
-                    );
-                }
-                let properties = BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_message_id(format!("{:032x}", (worker as u64) << 40 | n).into())
-                    .with_timestamp(1)
-                    .with_app_id("flexbridge".into())
-                    .with_type("com.twilio.flex.interactions.channel.status-updated.v1".into())
-                    .with_content_type("application/json".into())
-                    .with_headers(headers);
-                let confirm = channel
-                    .basic_publish(
-                        exchange.as_str().into(),
-                        "ceiling.channel".into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        &payload,
-                        properties,
-                    )
-                    .await
-                    .expect("publish")
-                    .await
-                    .expect("confirm");
-                assert!(
-                    matches!(confirm, Confirmation::Ack(None)),
-                    "not acknowledged: {confirm:?}"
-                );
-                latency.saturating_record(sent.elapsed().as_micros().max(1) as u64);
-            }
-            latency
-        }));
-    }
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
-    for worker in workers {
-        latency.add(worker.await.expect("worker")).expect("merge");
-    }
-    let elapsed = started.elapsed().as_secs_f64();
+        let mut headers = FieldTable::default();
+        // What the sink sends in binary mode for a typical event: every CloudEvents
+        // attribute but the content type, with values of the same lengths.
+        for (header, value) in [
+            ("cloudEvents_specversion", "1.0"),
+            ("cloudEvents_id", "5e4a8c25e109f40ea69b88349cf50257"),
+            (
+                "cloudEvents_source",
+                "/twilio/accounts/AC8c8e24da3e1b3d45f914b4f8ebfc73c5/flex/interactions",
+            ),
+            (
+                "cloudEvents_type",
+                "com.twilio.flex.interactions.interaction.created",
+            ),
+            ("cloudEvents_subject", "KDe9bef2ca293c6ec7e1bd6a9f14db1248"),
+            ("cloudEvents_time", "2026-12-01T11:37:26.766Z"),
+            (
+                "cloudEvents_dataschema",
+                "urn:flexbridge:schema:FlexInteractions.InteractionCreated:1",
+            ),
+            (
+                "cloudEvents_partitionkey",
+                "KDe9bef2ca293c6ec7e1bd6a9f14db1248",
+            ),
+        ] {
+            headers.insert(
+                header.into(),
+                AMQPValue::LongString(LongString::from(value)),
+            );
+        }
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(format!("{:032x}", (worker as u64) << 40 | n).into())
+            .with_timestamp(1)
+            .with_app_id("flexbridge".into())
+            .with_type("com.twilio.flex.interactions.channel.status-updated.v1".into())
+            .with_content_type("application/json".into())
+            .with_headers(headers);
+        async move {
+            let confirm = channel
+                .basic_publish(
+                    (*exchange).into(),
+                    "ceiling.channel".into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &payload,
+                    properties,
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("confirm");
+            assert!(
+                matches!(confirm, Confirmation::Ack(None)),
+                "not acknowledged: {confirm:?}"
+            );
+        }
+    })
+    .await;
     delete(&connection, &channel, &name).await;
-    println!(
-        "{}",
-        serde_json::json!({
-            "rate": latency.len() as f64 / elapsed,
-            "sent": latency.len(),
-            "latency_ms": {
-                "p50": latency.value_at_quantile(0.5) as f64 / 1000.0,
-                "p99": latency.value_at_quantile(0.99) as f64 / 1000.0,
-            },
-        })
-    );
+    println!("{}", measured.summary());
 }
 
 /// Deletes the queue and the exchange named `name`, then closes the connection.

@@ -1,7 +1,10 @@
 //! Test helpers shared by the sink crates' integration tests: events of every type, and an
 //! in-test TCP proxy that can cut connections or delay traffic between flexbridge and a real
-//! broker (fault injection a real broker cannot give on demand).
+//! broker (fault injection a real broker cannot give on demand); and the load loop of the
+//! plain-client ceilings the bench measures beside flexbridge (`ceiling`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is the report
+
+pub mod ceiling;
 
 use flexbridge_core::{normalize, Attestation, Event, EventKind, Sink, Verified, WebhookRequest};
 use std::collections::HashSet;
