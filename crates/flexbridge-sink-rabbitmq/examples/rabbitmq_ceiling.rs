@@ -107,10 +107,11 @@ async fn main() {
     }
     let payload = std::sync::Arc::new(vec![b'x'; args.load.size]);
     let exchange: std::sync::Arc<str> = name.as_str().into();
-    let publishers = channels.clone();
+    // One reference count per publish, not a clone of a channel's many.
+    let publishers: std::sync::Arc<[lapin::Channel]> = channels.into();
     let measured = ceiling::drive(&args.load, move |worker, n| {
-        let (channel, exchange, payload) = (
-            publishers[worker % publishers.len()].clone(),
+        let (publishers, exchange, payload) = (
+            std::sync::Arc::clone(&publishers),
             std::sync::Arc::clone(&exchange),
             std::sync::Arc::clone(&payload),
         );
@@ -153,7 +154,7 @@ async fn main() {
             .with_content_type("application/json".into())
             .with_headers(headers);
         async move {
-            let confirm = channel
+            let confirm = publishers[worker % publishers.len()]
                 .basic_publish(
                     (*exchange).into(),
                     "ceiling.channel".into(),
