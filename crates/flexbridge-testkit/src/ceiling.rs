@@ -119,12 +119,15 @@ mod tests {
         .await;
         let summary = measured.summary();
         let sent = summary["sent"].as_u64().unwrap();
-        // Paced at 200 a second for 1 s: about 200, never more than the pacer allows.
-        assert!((150..=205).contains(&sent), "{summary}");
+        // Paced at 200 a second for 1 s: never more than the pacer allows (200, plus one
+        // waiting turn per publisher at the deadline); the lower bounds leave room for a
+        // machine busy with other tests.
+        assert!((100..=204).contains(&sent), "{summary}");
         let rate = summary["rate"].as_f64().unwrap();
-        assert!((140.0..=205.0).contains(&rate), "{summary}");
+        assert!((90.0..=205.0).contains(&rate), "{summary}");
+        // What is timed is the publish: it sleeps 2 ms.
         let p50 = summary["latency_ms"]["p50"].as_f64().unwrap();
-        assert!((2.0..50.0).contains(&p50), "{summary}");
+        assert!((2.0..200.0).contains(&p50), "{summary}");
         let made = made.lock().unwrap();
         assert_eq!(made.len() as u64, sent);
         for worker in 0..4 {
