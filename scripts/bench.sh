@@ -118,6 +118,12 @@ ceiling() {
   results+=("$round|$row|$out|$half|$cpu|$(field "$out" sent)|0|$near")
 }
 
+# The Kafka rows' broker, started once: $FLEXBRIDGE_KAFKA_BROKERS if set, else a tansu of the
+# bench's own (its own pid file), so a test suite running beside it keeps the one it started.
+kafka_started() {
+  [ -n "${FLEXBRIDGE_KAFKA_BROKERS:-}" ] || eval "$(FLEXBRIDGE_KAFKA_STATE="$work/kafka" scripts/kafka.sh start)"
+}
+
 # Bare hyper again, briefly, before each row: a row's "x bare" divides by the mean of this
 # probe and the next one, so a host whose speed changes during the run (a busy neighbour on
 # the same physical machine) does not change the ratio, and the change shows in the table's
@@ -143,7 +149,7 @@ measure() {
       ceiling "$row" "$TARGET/release/examples/nats_ceiling" --url "$NATS_URL" --duration "$seconds" --in-flight "$CONCURRENCY" --storage "$NATS_STORAGE"
       return ;;
     ceiling-kafka) # the kafka row's tansu; a topic of its own, deleted at its end
-      [ -n "${FLEXBRIDGE_KAFKA_BROKERS:-}" ] || eval "$(FLEXBRIDGE_KAFKA_STATE="$work/kafka" scripts/kafka.sh start)"
+      kafka_started
       ceiling "$row" "$TARGET/release/examples/kafka_ceiling" --brokers "$FLEXBRIDGE_KAFKA_BROKERS" --duration "$seconds" --in-flight "$CONCURRENCY"
       return ;;
   esac
@@ -151,9 +157,7 @@ measure() {
   [ "$mode" = "$row" ] && mode=confirm
   amqp_url=$AMQP_URL nats_url=$NATS_URL kafka_brokers=
   if [ "$sink" = kafka ]; then
-    # A tansu of the bench's own (its own pid file), so a test suite running beside it keeps
-    # the one it started.
-    [ -n "${FLEXBRIDGE_KAFKA_BROKERS:-}" ] || eval "$(FLEXBRIDGE_KAFKA_STATE="$work/kafka" scripts/kafka.sh start)"
+    kafka_started
     kafka_brokers=$FLEXBRIDGE_KAFKA_BROKERS
   fi
   case "$mode" in
